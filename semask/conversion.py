@@ -1,0 +1,271 @@
+"""Conversion of original SeMask-FPN (mmsegmentation 0.x) checkpoints to semask `save_pretrained` folders.
+
+    python scripts/convert_semask_original_to_hf.py --checkpoint semask_tiny_ade20k.pth --output semask-tiny-ade20k \
+        --preset semask-tiny-fpn-ade20k
+
+The weights fix the Swin architecture, the class count, the semantic blocks per stage and the decoder width.
+What they do not fix comes from the preset, from the overrides, or from the original's rules: the semantic window
+equals the Swin window, and the semantic attention kind follows `semask.presets.fpn_semantic_attention`.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .configuration_semask import SemaskConfig, settings_equal
+from .modeling_semask import SemaskForSemanticSegmentation
+from .presets import PRESET_NAMES, fpn_preset, fpn_semantic_attention
+
+# (original key pattern, semask key template); the fused `qkv` projection is split separately.
+KEY_RENAMES = [
+    (r"backbone\.patch_embed\.proj\.", "semask.embeddings.patch_embeddings.projection."),
+    (r"backbone\.patch_embed\.norm\.", "semask.embeddings.norm."),
+    (r"backbone\.absolute_pos_embed$", "semask.embeddings.position_embeddings"),
+    (r"backbone\.norm(\d+)\.", lambda m: f"semask.hidden_states_norms.stage{int(m.group(1)) + 1}."),
+    (r"backbone\.layers\.", "semask.encoder.layers."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+    (r"\.attn\.proj\.", ".attention.o_proj."),
+    (r"\.attn\.relative_position_bias_table$", ".attention.relative_position_bias.relative_position_bias_table"),
+    (r"\.semantic_layer\.layernorm_before\.", ".semantic_layer.layernorm."),
+    (r"\.class_injection\.", ".blocks."),
+    (r"\.mlp_cls_q\.", ".q_proj."),
+    (r"\.mlp_cls_k\.", ".k_proj."),
+    (r"\.mlp_v\.", ".v_proj."),
+    (r"\.mlp_res\.", ".o_proj."),
+    (r"(decode_head\.scale_heads\.\d+\.\d+)\.bn\.", r"\1.batch_norm."),
+    (r"decode_head\.conv_seg\.", "decode_head.classifier."),
+]
+# Buffers the original saves that semask rebuilds from the config.
+DROPPED_KEYS = re.compile(r"\.attn\.relative_position_index$")
+QKV_KEY = re.compile(r"(.*)\.attn\.qkv\.(weight|bias)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's weights do not fit the SeMask model described by its configuration."""
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an original checkpoint (``{'state_dict': ...}`` or a bare state dict) without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not any(key.startswith("backbone.") for key in state_dict):
+        raise CheckpointMismatchError(
+            f"{path} is not an original SeMask-FPN checkpoint: expected a state dict with `backbone.*` and "
+            "`decode_head.*` keys, or a dict holding one under 'state_dict'."
+        )
+    return state_dict
+
+
+def _require(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise CheckpointMismatchError(f"The checkpoint lacks `{key}`, which every SeMask-FPN checkpoint has.")
+    return state_dict[key]
+
+
+def _indices(state_dict: dict[str, torch.Tensor], pattern: str) -> list[int]:
+    found = {int(match.group(1)) for key in state_dict if (match := re.match(pattern, key))}
+    return sorted(found)
+
+
+def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The `SemaskConfig` arguments that the original weights determine."""
+    projection = _require(state_dict, "backbone.patch_embed.proj.weight")
+    embed_dim, num_channels, patch_size = projection.shape[0], projection.shape[1], projection.shape[2]
+    stages = _indices(state_dict, r"backbone\.layers\.(\d+)\.")
+    depths = [len(_indices(state_dict, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.")) for i in stages]
+    tables = [_require(state_dict, f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in stages]
+    window_size = (round(tables[0].shape[0] ** 0.5) + 1) // 2
+    mlp_hidden = _require(state_dict, "backbone.layers.0.blocks.0.mlp.fc1.weight").shape[0]
+    semantic_blocks = [
+        len(_indices(state_dict, rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\.")) for i in stages
+    ]
+    classifier = _require(state_dict, "decode_head.conv_seg.weight")
+    num_labels = classifier.shape[0]
+    if any(semantic_blocks):
+        prior_classes = _require(state_dict, "backbone.layers.0.semantic_layer.class_injection.0.mlp_cls_q.weight")
+        if prior_classes.shape[0] != num_labels:
+            raise CheckpointMismatchError(
+                f"The semantic layers predict {prior_classes.shape[0]} classes but the decode head {num_labels}; "
+                "semask needs one label set for both."
+            )
+    kwargs = {
+        "embed_dim": embed_dim,
+        "num_channels": num_channels,
+        "patch_size": patch_size,
+        "depths": depths,
+        "num_heads": [table.shape[1] for table in tables],
+        "window_size": window_size,
+        "mlp_ratio": mlp_hidden / embed_dim,
+        "qkv_bias": "backbone.layers.0.blocks.0.attn.qkv.bias" in state_dict,
+        "patch_norm": "backbone.patch_embed.norm.weight" in state_dict,
+        "use_absolute_embeddings": "backbone.absolute_pos_embed" in state_dict,
+        "num_semantic_blocks": semantic_blocks,
+        "decoder_hidden_size": classifier.shape[1],
+        "num_labels": num_labels,
+    }
+    if kwargs["use_absolute_embeddings"]:
+        kwargs["image_size"] = state_dict["backbone.absolute_pos_embed"].shape[-1] * patch_size
+    return kwargs
+
+
+def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides) -> SemaskConfig:
+    """A `SemaskConfig` for an original checkpoint: inferred from the weights, then the preset, then `overrides`.
+
+    A preset (or an override) that contradicts the weights raises `CheckpointMismatchError`.
+    """
+    inferred = infer_config_kwargs(state_dict)
+    num_labels = inferred.pop("num_labels")
+    chosen = {**(fpn_preset(preset) if preset else {}), **overrides}
+    contradictions = {
+        key: (value, inferred[key])
+        for key, value in chosen.items()
+        if key in inferred and not settings_equal(value, inferred[key])
+    }
+    if "id2label" in chosen and len(chosen["id2label"]) != num_labels:
+        contradictions["num_labels"] = (len(chosen["id2label"]), num_labels)
+    if contradictions:
+        details = ", ".join(
+            f"{key}: given {given}, checkpoint {found}" for key, (given, found) in contradictions.items()
+        )
+        raise CheckpointMismatchError(f"The checkpoint does not match the requested configuration ({details}).")
+    kwargs = {
+        "semantic_window_size": inferred["window_size"],
+        "semantic_attention": fpn_semantic_attention(inferred["embed_dim"], num_labels, len(inferred["depths"])),
+        "id2label": {index: f"LABEL_{index}" for index in range(num_labels)},
+        **chosen,
+        **inferred,
+    }
+    return SemaskConfig(**kwargs)
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename original keys to semask keys and split each fused `qkv` projection into q/k/v."""
+    converted = {}
+    for key, value in state_dict.items():
+        if DROPPED_KEYS.search(key):
+            continue
+        if qkv := QKV_KEY.match(key):
+            prefix, kind = qkv.groups()
+            prefix = _rename(prefix + ".")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                converted[f"{prefix}attention.{name}.{kind}"] = part.clone()
+            continue
+        if key == "backbone.absolute_pos_embed":
+            value = value.flatten(2).transpose(1, 2)
+        converted[_rename(key)] = value
+    return converted
+
+
+def _rename(key: str) -> str:
+    for pattern, replacement in KEY_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def check_state_dict(converted: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise `CheckpointMismatchError` listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    misshaped = sorted(
+        f"{key}: checkpoint {tuple(converted[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(converted)
+        if converted[key].shape != expected[key].shape
+    )
+    problems = [
+        (title, keys)
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        lines = [f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys) for title, keys in problems]
+        raise CheckpointMismatchError("The checkpoint does not match the SeMask model:\n" + "\n".join(lines))
+
+
+def convert_original_checkpoint(
+    state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
+) -> SemaskForSemanticSegmentation:
+    """A `SemaskForSemanticSegmentation` (eval mode) holding the weights of an original SeMask-FPN state dict."""
+    config = config_from_original(state_dict, preset, **overrides)
+    converted = convert_state_dict(state_dict)
+    with torch.device("meta"):
+        check_state_dict(converted, SemaskForSemanticSegmentation(config))
+    model = SemaskForSemanticSegmentation(config)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def convert_checkpoint_file(
+    checkpoint: str | Path, output_dir: str | Path, preset: str | None = None, **overrides
+) -> SemaskForSemanticSegmentation:
+    """Convert an original checkpoint file into a new `save_pretrained` folder, writing nothing on failure.
+
+    `output_dir` must not exist or be an empty folder; it is filled only once the conversion has succeeded.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} already exists and is not an empty folder; choose a new output folder.")
+    model = convert_original_checkpoint(load_original_state_dict(checkpoint), preset, **overrides)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.")
+    try:
+        model.save_pretrained(staging)
+        os.replace(staging, output_dir)  # atomic; replaces an empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Convert an original SeMask-FPN checkpoint to a semask model folder.")
+    parser.add_argument("--checkpoint", required=True, help="original mmsegmentation checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="new folder for the converted model")
+    parser.add_argument("--preset", choices=PRESET_NAMES, help="released model: label names and semantic settings")
+    parser.add_argument(
+        "--semantic-attention",
+        help="comma-separated kind per stage, e.g. windowed,windowed,global,global (default: the original's rule)",
+    )
+    parser.add_argument("--semantic-window-size", type=int, help="semantic attention window (default: Swin window)")
+    parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
+    return parser.parse_args(argv)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    overrides = {}
+    if args.semantic_attention:
+        overrides["semantic_attention"] = args.semantic_attention.split(",")
+    if args.semantic_window_size:
+        overrides["semantic_window_size"] = args.semantic_window_size
+    if args.labels:
+        names = json.loads(Path(args.labels).read_text())
+        overrides["id2label"] = (
+            dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
+        )
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = convert_checkpoint_file(args.checkpoint, args.output, args.preset, **overrides_from_args(args))
+    except (CheckpointMismatchError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    config = model.config
+    print(
+        f"Wrote {args.output}: SeMask embed_dim={config.embed_dim} depths={list(config.depths)} "
+        f"labels={config.num_labels} semantic_attention={list(config.semantic_attention)}"
+    )
+    return 0

@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="semask",
+    version="0.1.0",
+    description="SeMask (Semantically Masked Transformers for Semantic Segmentation) for Hugging Face Transformers",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["semask", "semask.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "transformers>=5.23,<5.24",
+        "huggingface_hub>=2.4,<3",
+        "safetensors",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={"dev": ["pytest", "ruff"]},
+    entry_points={"console_scripts": ["semask-convert=semask.conversion:main"]},
+)

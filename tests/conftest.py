@@ -1,0 +1,45 @@
+"""Shared test set-up: offline Hub, a private HF cache, tiny configurations and the original fixtures."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("SEMASK_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+FPN_FIXTURES = FIXTURES / "original_semask_fpn"
+FPN_FIXTURE_NAMES = ("tiny-windowed", "tiny-globalsem")
+
+
+def pytest_configure(config):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HOME", str(config.rootpath / ".pytest_cache" / "hf_home"))
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+def fpn_fixture_dir(name: str) -> Path:
+    """The fixture folder; skipped when absent, but a failure under CI (CI=true), where it must exist."""
+    folder = FPN_FIXTURES / name
+    if not (folder / "io.safetensors").is_file():
+        message = f"original SeMask fixtures not found at {folder} (set SEMASK_FIXTURES to their folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
+def tiny_config_kwargs(**overrides) -> dict:
+    """A SeMask small enough for CPU tests: 4 stages, global semantic attention in the last two."""
+    return {
+        "embed_dim": 16,
+        "depths": (2, 2, 2, 2),
+        "num_heads": (1, 2, 2, 4),
+        "window_size": 4,
+        "semantic_window_size": 4,
+        "mlp_ratio": 2.0,
+        "decoder_hidden_size": 16,
+        "semantic_attention": ("windowed", "windowed", "global", "global"),
+        "id2label": {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"},
+        **overrides,
+    }
