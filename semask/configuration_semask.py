@@ -94,6 +94,8 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
             out_indices = list(range(1, self.num_layers + 1))
         self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
         super().__post_init__(**kwargs)
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {name: index for index, name in self.id2label.items()}
 
     @property
     def has_semantic_layers(self) -> bool:
