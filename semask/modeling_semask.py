@@ -347,11 +347,11 @@ class SemaskPreTrainedModel(PreTrainedModel):
         if "semantic_attention" not in config_kwargs:
             config.semantic_attention = fpn_semantic_attention(config.embed_dim, config.num_labels, config.num_layers)
         model = cls(config)
-        result = model.base_model.load_state_dict(swin.state_dict(), strict=False)
-        info = {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
+        swin_state = swin.state_dict()
+        unused = model.base_model.load_state_dict(swin_state, strict=False).unexpected_keys
         prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
-        info["missing_keys"] = [prefix + key for key in info["missing_keys"]]
-        info["missing_keys"] += [key for key in model.state_dict() if prefix and not key.startswith(prefix)]
+        loaded = {prefix + key for key in swin_state}
+        info = {"missing_keys": [key for key in model.state_dict() if key not in loaded], "unexpected_keys": unused}
         logger.warning(
             "Initialised %s from the Swin weights of %s. Newly initialised: %s. Unused checkpoint weights: %s.",
             cls.__name__,

@@ -43,3 +43,17 @@ def tiny_config_kwargs(**overrides) -> dict:
         "id2label": {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"},
         **overrides,
     }
+
+
+def train_steps(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
+    """Train `model` on one batch with AdamW (lr 1e-3) for `steps` steps; the losses, step by step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

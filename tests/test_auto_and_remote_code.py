@@ -17,7 +17,7 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
-from conftest import tiny_config_kwargs
+from conftest import tiny_config_kwargs, train_steps
 from semask import SemaskBackbone, SemaskConfig, SemaskForSemanticSegmentation, SemaskModel
 
 
@@ -142,18 +142,10 @@ def test_upernet_trains_a_step_on_semask_backbone():
     model = UperNetForSemanticSegmentation(config)
     assert type(model.backbone) is SemaskBackbone
     assert model.backbone.channels == [16, 32, 64, 128]
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pixel_values = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, 5, (2, 64, 64))
     before = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = model(pixel_values, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, pixel_values, labels, steps=3)
     assert losses[-1] < losses[0]
     changed = [name for name, p in model.backbone.named_parameters() if not torch.equal(p, before[name])]
     assert any("semantic_layer" in name for name in changed) and any("blocks" in name for name in changed)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import fpn_fixture_dir
+from conftest import fpn_fixture_dir, tiny_config_kwargs
 from semask.conversion import (
     CheckpointMismatchError,
     config_from_original,
@@ -168,3 +168,18 @@ def test_prior_and_head_class_counts_must_agree():
     )
     with pytest.raises(CheckpointMismatchError, match="semantic layers predict 150 classes but the decode head 171"):
         config_from_original(state_dict)
+
+
+def test_absolute_position_embedding_keeps_the_original_resize():
+    """The original stores (1, C, h, w) and resizes it bicubically to every patch grid; so does semask."""
+    from semask import SemaskConfig, SemaskModel
+    from semask.conversion import convert_state_dict
+
+    original = torch.randn(1, 16, 8, 8)
+    converted = convert_state_dict({"backbone.absolute_pos_embed": original})
+    model = SemaskModel(SemaskConfig(**tiny_config_kwargs(use_absolute_embeddings=True, image_size=32)))
+    model.embeddings.position_embeddings.data.copy_(converted["semask.embeddings.position_embeddings"])
+    for size in [(8, 8), (11, 6)]:
+        expected = torch.nn.functional.interpolate(original, size=size, mode="bicubic").flatten(2).transpose(1, 2)
+        torch.testing.assert_close(model.embeddings.resized_position_embeddings(size), expected)
+    assert model(torch.randn(1, 3, 43, 22)).feature_maps[0].shape == (1, 16, 11, 6)

@@ -84,3 +84,15 @@ def test_conversion_infers_the_fixture_configuration(converted):
     assert config["decoder_hidden_size"] == original["decode_head"]["channels"]
     assert len(config["id2label"]) == original["num_cls"]
     assert config["semantic_attention"] == original["semantic_attention_per_stage"]
+
+
+def test_missing_fixtures_skip_locally_but_fail_under_ci(monkeypatch, tmp_path):
+    import conftest
+
+    monkeypatch.setattr(conftest, "FPN_FIXTURES", tmp_path)
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="SEMASK_FIXTURES"):
+        conftest.fpn_fixture_dir("tiny-windowed")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="original SeMask fixtures not found"):
+        conftest.fpn_fixture_dir("tiny-windowed")
