@@ -389,6 +389,12 @@ class SemaskModel(SemaskPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images of any size; they are padded right/bottom to a multiple of the patch size.
         """
+        wants_attentions = kwargs.get("output_attentions") or kwargs.get("output_semantic_attentions")
+        if wants_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"Attention weights are only returned with eager attention, not {self.config._attn_implementation!r}: "
+                "call `model.set_attn_implementation('eager')` first."
+            )
         hidden_states, size = self.embeddings(pixel_values)
         feature_maps, priors = (), ()
         for norm, stage in zip(self.hidden_states_norms.values(), self.encoder.layers):

@@ -1,5 +1,7 @@
 """Model behaviour on tiny configurations: shapes, attention paths, gradients, outputs and input checks."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ def test_any_input_size_and_batch(size):
     torch.testing.assert_close(single, outputs.logits[1:2], atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_outputs():
+def test_encoder_outputs(caplog):
     model = SemaskModel(SemaskConfig(**tiny_config_kwargs())).eval()
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -71,6 +73,12 @@ def test_encoder_outputs():
     assert len(outputs.semantic_attentions) == 4
     assert outputs.semantic_attentions[3].shape == (2, 1, 4, 4)  # global in the last stage
     torch.testing.assert_close(outputs.semantic_attentions[0].sum(-1), torch.ones(2 * 3 * 4, 1, 16))
+
+    model.set_attn_implementation("sdpa")
+    logging.Logger.warning_once.cache_clear()  # transformers' warning_once: make the warning observable here
+    with caplog.at_level(logging.WARNING):
+        sdpa = model(torch.randn(2, 3, 40, 56), output_attentions=True)
+    assert sdpa.attentions == () and "only returned with eager attention" in caplog.text
 
     plain = model(torch.randn(2, 3, 40, 56))
     assert plain.hidden_states is None and plain.attentions is None
