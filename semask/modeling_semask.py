@@ -271,6 +271,8 @@ class SemaskStage(nn.Module):
 
 
 class SemaskEncoder(nn.Module):
+    """The stages, named like Swin's encoder (`encoder.layers.{i}.blocks.{j}`) so Swin weights load by name."""
+
     def __init__(self, config: SemaskConfig):
         super().__init__()
         total_depth = sum(config.depths)

@@ -153,7 +153,8 @@ def test_loss_goes_down_when_training():
     assert losses[-1] < 0.65 * losses[0]  # reaches about 0.53 here
 
 
-def test_bf16_autocast_is_finite_and_semantic_softmax_runs_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_finite_and_semantic_softmax_runs_in_float32(dtype):
     model = tiny_model().eval()
     captured = []
     attention = model.semask.encoder.layers[2].semantic_layer.blocks[0]
@@ -162,7 +163,7 @@ def test_bf16_autocast_is_finite_and_semantic_softmax_runs_in_float32():
     pixel_values = 50 * torch.randn(1, 3, 32, 32)
     for implementation in ("eager", "sdpa"):
         model.set_attn_implementation(implementation)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
             outputs = model(pixel_values, output_semantic_attentions=True)
         assert torch.isfinite(outputs.logits).all() and torch.isfinite(outputs.semantic_logits).all()
     handle.remove()
