@@ -30,11 +30,11 @@ KEY_RENAMES = [
     (r"backbone\.absolute_pos_embed$", "semask.embeddings.position_embeddings"),
     (r"backbone\.norm(\d+)\.", lambda m: f"semask.hidden_states_norms.stage{int(m.group(1)) + 1}."),
     (r"backbone\.layers\.", "semask.encoder.layers."),
+    (r"\.semantic_layer\.norm1\.", ".semantic_layer.layernorm."),
     (r"\.norm1\.", ".layernorm_before."),
     (r"\.norm2\.", ".layernorm_after."),
     (r"\.attn\.proj\.", ".attention.o_proj."),
     (r"\.attn\.relative_position_bias_table$", ".attention.relative_position_bias.relative_position_bias_table"),
-    (r"\.semantic_layer\.layernorm_before\.", ".semantic_layer.layernorm."),
     (r"\.class_injection\.", ".blocks."),
     (r"\.mlp_cls_q\.", ".q_proj."),
     (r"\.mlp_cls_k\.", ".k_proj."),
@@ -199,9 +199,8 @@ def convert_original_checkpoint(
     """A `SemaskForSemanticSegmentation` (eval mode) holding the weights of an original SeMask-FPN state dict."""
     config = config_from_original(state_dict, preset, **overrides)
     converted = convert_state_dict(state_dict)
-    with torch.device("meta"):
-        check_state_dict(converted, SemaskForSemanticSegmentation(config))
     model = SemaskForSemanticSegmentation(config)
+    check_state_dict(converted, model)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 

@@ -430,6 +430,7 @@ class SemaskFPNHead(nn.Module):
         )
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
         self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, kernel_size=1)
+        self.upsample = self._upsample()
 
     def _upsample(self) -> nn.Upsample:
         return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=self.align_corners)
@@ -459,11 +460,10 @@ class SemaskFPNHead(nn.Module):
         logits = self.classifier(self.dropout(fused))
         semantic_logits = None
         if semantic_priors is not None:
-            upsample = self._upsample()
             upsampled = []
             for index, prior in enumerate(semantic_priors):
                 for _ in range(index):
-                    prior = upsample(prior)
+                    prior = self.upsample(prior)
                 upsampled.append(prior)
             semantic_logits = self._sum_at_first_size(upsampled)
         return logits, semantic_logits
