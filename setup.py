@@ -12,13 +12,18 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["semask", "semask.*"]),
     install_requires=[
-        "torch==2.13.0",
+        "torch==2.14.1",
+        "torchvision==0.29.1",
         "transformers>=5.23,<5.24",
         "huggingface_hub>=2.4,<3",
         "safetensors",
         "numpy",
         "pillow",
+        "tqdm",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={
+        "train": ["accelerate>=1.10", "datasets>=4", "matplotlib"],
+        "dev": ["pytest", "ruff", "opencv-python-headless", "accelerate>=1.10", "datasets>=4", "matplotlib"],
+    },
     entry_points={"console_scripts": ["semask-convert=semask.conversion:main"]},
 )

@@ -361,6 +361,13 @@ SWIN_SIZES = {
 }
 
 DATASET_LABELS = {"ade20k": ADE20K_LABELS, "cityscapes": CITYSCAPES_LABELS, "coco-stuff10k": COCO_STUFF_LABELS}
+# The original test pipelines: keep-ratio resize to fit (2048, 512) or (2048, 1024); ADE20K and COCO-Stuff drop
+# label 0 ("other"/unlabelled) and shift the rest down by one.
+DATASET_PROCESSING = {
+    "ade20k": {"size": {"shortest_edge": 512, "longest_edge": 2048}, "do_reduce_labels": True},
+    "cityscapes": {"size": {"shortest_edge": 1024, "longest_edge": 2048}, "do_reduce_labels": False},
+    "coco-stuff10k": {"size": {"shortest_edge": 512, "longest_edge": 2048}, "do_reduce_labels": True},
+}
 
 
 def fpn_semantic_attention(embed_dim: int, num_labels: int, num_stages: int = 4) -> tuple[str, ...]:

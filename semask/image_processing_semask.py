@@ -1,0 +1,288 @@
+"""Image processor reproducing the original SeMask (mmsegmentation 0.x) test pipeline, without mmcv or OpenCV.
+
+Images are resized keeping their aspect ratio with mmcv's `imrescale` rule (fit `longest_edge` x `shortest_edge`,
+`int(side * scale + 0.5)`), with OpenCV-style bilinear interpolation (no antialiasing, uint8 results rounded),
+normalised with the ImageNet mean/std on the 0-255 scale, and optionally padded. Segmentation maps are resized
+with nearest-neighbour interpolation only, so their values are never interpolated.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, ImageInput, PILImageResampling, SizeDict, is_pil_image
+from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import TensorType
+
+from .presets import DATASET_PROCESSING
+
+try:  # OpenCV (what mmcv resizes with) makes the resize bit-exact; PyTorch is the fallback.
+    import cv2
+except ImportError:
+    cv2 = None
+
+IGNORE_INDEX = 255
+# mmsegmentation's `img_norm_cfg` (ImageNet statistics on the 0-255 scale): identical to the original pipeline.
+MMSEG_IMAGE_MEAN = (123.675, 116.28, 103.53)
+MMSEG_IMAGE_STD = (58.395, 57.12, 57.375)
+INTERPOLATION_MODES = {
+    PILImageResampling.NEAREST: "nearest",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+CV2_MODES = {PILImageResampling.NEAREST: 0, PILImageResampling.BILINEAR: 1, PILImageResampling.BICUBIC: 2}
+
+
+class SemaskImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
+        Map label 0 (ADE20K's and COCO-Stuff's "other") to 255 (ignored) and every other label `k` to `k - 1`.
+    size_divisor (`int`, *optional*, defaults to `self.size_divisor`):
+        Pad the bottom and right of every image (with 0 after normalisation) and label map (with 255) to a
+        multiple of this number.
+    """
+
+    do_reduce_labels: bool
+    size_divisor: int | None
+
+
+def rescaled_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    """mmcv's keep-ratio rule: the largest scale fitting `longest_edge` x `shortest_edge`, rounded half up."""
+    scale = min(longest_edge / max(height, width), shortest_edge / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+    """The resized (height, width) for `size`: keep-ratio fit (shortest/longest edge) or a fixed height x width."""
+    if size.shortest_edge and size.longest_edge:
+        return rescaled_size(height, width, size.shortest_edge, size.longest_edge)
+    if size.height and size.width:
+        return size.height, size.width
+    raise ValueError(
+        f"`size` must be {{'shortest_edge': S, 'longest_edge': L}} (keep the aspect ratio, fit L x S) or "
+        f"{{'height': H, 'width': W}} (fixed size); got {dict(size)}."
+    )
+
+
+def torch_resize(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """OpenCV's resize emulated in floating point (no antialiasing); uint8 results may differ by one grey level."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    options = {} if mode == "nearest" else {"align_corners": False}
+    resized = F.interpolate(tensor, size=size, mode=mode, **options)[0].numpy()
+    if image.dtype == np.uint8:
+        return np.clip(np.floor(resized + 0.5), 0, 255).astype(np.uint8)
+    return resized.astype(image.dtype)
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """A PIL image as an (H, W) or (H, W, C) array, keeping 16-bit grayscale values."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return np.asarray(image, dtype=np.int64).astype(np.uint16)
+    return np.asarray(image)
+
+
+def as_rgb_uint_or_float(image: np.ndarray) -> np.ndarray:
+    """A channels-first image as 3-channel uint8 or float32 on the 0-255 scale (16-bit images are scaled)."""
+    channels = image.shape[0]
+    if channels == 1:
+        image = np.repeat(image, 3, axis=0)
+    elif channels == 4:
+        image = image[:3]  # alpha dropped, as OpenCV's colour loading in the original does
+    elif channels != 3:
+        raise ValueError(f"Images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}.")
+    if image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating):
+        return image
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) * (255.0 / 65535.0)
+    raise ValueError(
+        f"Unsupported image dtype {image.dtype}: pass uint8 or uint16 images, or float images on the 0-255 scale."
+    )
+
+
+def as_label_map(label_map: np.ndarray) -> np.ndarray:
+    """A channels-first (1, H, W) integer label map, checked."""
+    if label_map.shape[0] != 1:
+        raise ValueError(
+            f"Segmentation maps must be single-channel class-id images (H, W), got {label_map.shape[0]} channels; "
+            "convert colour-coded annotations to class ids first."
+        )
+    if not (np.issubdtype(label_map.dtype, np.integer) or np.issubdtype(label_map.dtype, np.bool_)):
+        if not np.all(label_map == np.round(label_map)):
+            raise ValueError(
+                f"Segmentation maps must hold integer class ids, got non-integer {label_map.dtype} values."
+            )
+    return label_map.astype(np.int64)
+
+
+class SemaskImageProcessor(SegformerImageProcessorPil):
+    r"""
+    Prepares images (and segmentation maps) for SeMask as the original test pipeline does.
+
+    Defaults are the ADE20K pipeline: keep-ratio resize to fit 2048 x 512, ImageNet normalisation, label reduction.
+    `SemaskImageProcessor.from_dataset("cityscapes")` gives the Cityscapes one (2048 x 1024, no reduction).
+    `size={"height": H, "width": W}` resizes to a fixed size instead. Returns `pixel_values` (B, 3, H, W) and, with
+    segmentation maps, `labels` (B, H, W) int64 where 255 is ignored.
+    """
+
+    valid_kwargs = SemaskImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    size = {"shortest_edge": 512, "longest_edge": 2048}
+    default_to_square = False
+    resample = PILImageResampling.BILINEAR
+    do_convert_rgb = True
+    do_rescale = False
+    rescale_factor = 1 / 255
+    image_mean = MMSEG_IMAGE_MEAN
+    image_std = MMSEG_IMAGE_STD
+    do_reduce_labels = True
+    do_pad = False
+    size_divisor = None
+
+    def __init__(self, **kwargs: Unpack[SemaskImageProcessorKwargs]):
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_dataset(cls, dataset: str, **kwargs) -> "SemaskImageProcessor":
+        """The original test pipeline of `dataset` ("ade20k", "cityscapes" or "coco-stuff10k"); kwargs override it."""
+        if dataset not in DATASET_PROCESSING:
+            raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DATASET_PROCESSING)}.")
+        return cls(**{**DATASET_PROCESSING[dataset], **kwargs})
+
+    def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
+        """Accept (H, W) grayscale arrays and tensors as images too."""
+        if expected_ndims == 3:
+            images = [img[..., None] if getattr(img, "ndim", None) == 2 else img for img in _as_list(images)]
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
+    def process_image(
+        self,
+        image: ImageInput,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """One image (RGB, 3 channels) or, with `do_convert_rgb=False`, one label map, channels first."""
+        if is_pil_image(image):
+            if do_convert_rgb and image.mode not in ("L", "RGB", "RGBA") and not image.mode.startswith("I"):
+                image = image.convert("RGB")
+            image = image_to_array(image)
+            input_data_format = ChannelDimension.LAST  # np.asarray(PIL image) is (H, W[, C])
+        elif isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if do_convert_rgb and image.ndim == 3 and not {image.shape[0], image.shape[-1]} & {1, 3, 4}:
+            raise ValueError(f"Images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got shape {image.shape}.")
+        array = super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format)
+        return as_rgb_uint_or_float(array) if do_convert_rgb else as_label_map(array)
+
+    def resize(self, image: np.ndarray, size: SizeDict, resample: PILImageResampling | None = None, **kwargs):
+        """Resize a (C, H, W) array as the original does: OpenCV when installed (bit-exact), else PyTorch."""
+        resample = resample if resample is not None else self.resample
+        if resample not in INTERPOLATION_MODES:
+            raise ValueError(f"Unsupported resample {resample!r}; use one of {list(INTERPOLATION_MODES)}.")
+        height, width = output_size(*image.shape[-2:], size)
+        if (height, width) == image.shape[-2:]:
+            return image
+        if cv2 is not None and image.dtype in (np.uint8, np.float32) and image.shape[0] <= 4:
+            resized = cv2.resize(image.transpose(1, 2, 0), (width, height), interpolation=CV2_MODES[resample])
+            return resized.reshape(height, width, -1).transpose(2, 0, 1)
+        return torch_resize(image, (height, width), INTERPOLATION_MODES[resample])
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension,
+        return_tensors: str | TensorType | None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._prepare_image_like_inputs(images, do_convert_rgb=True, input_data_format=input_data_format)
+        data = {"pixel_values": self._preprocess(images, **{**kwargs, "do_reduce_labels": False})}
+        if segmentation_maps is not None:
+            maps = self._prepare_image_like_inputs(
+                segmentation_maps, expected_ndims=2, do_convert_rgb=False, input_data_format=ChannelDimension.FIRST
+            )
+            check_pairs(images, maps)
+            map_kwargs = {**kwargs, "do_rescale": False, "do_normalize": False, "resample": PILImageResampling.NEAREST}
+            data["labels"] = [label[0] for label in self._preprocess(maps, pad_value=IGNORE_INDEX, **map_kwargs)]
+        if return_tensors is not None and len({array.shape for array in data["pixel_values"]}) > 1:
+            sizes = sorted({array.shape[-2:] for array in data["pixel_values"]})
+            raise ValueError(
+                f"The images have different sizes after resizing ({sizes}) and cannot form one tensor: pass "
+                "`do_pad=True` to pad them to a common size, or process them one at a time."
+            )
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_reduce_labels: bool,
+        resample: PILImageResampling | None,
+        do_resize: bool,
+        do_rescale: bool,
+        do_normalize: bool,
+        size: SizeDict,
+        rescale_factor: float,
+        image_mean: float | list[float],
+        image_std: float | list[float],
+        do_pad: bool = False,
+        size_divisor: int | None = None,
+        pad_value: int = 0,
+        **kwargs,
+    ) -> list[np.ndarray]:
+        processed = super()._preprocess(
+            images,
+            do_reduce_labels=do_reduce_labels,
+            resample=resample,
+            do_resize=do_resize,
+            do_rescale=do_rescale,
+            do_normalize=do_normalize,
+            size=size,
+            rescale_factor=rescale_factor,
+            image_mean=image_mean,
+            image_std=image_std,
+        )
+        processed = [image if image.dtype == np.int64 else image.astype(np.float32) for image in processed]
+        if do_pad:
+            target = padded_size(max(i.shape[-2] for i in processed), max(i.shape[-1] for i in processed), size_divisor)
+            return self.pad(processed, pad_size=target, fill_value=pad_value)
+        if size_divisor:
+            return [
+                self.pad([image], pad_size=padded_size(*image.shape[-2:], size_divisor), fill_value=pad_value)[0]
+                for image in processed
+            ]
+        return processed
+
+    def reduce_label(self, label: np.ndarray) -> np.ndarray:
+        """0 -> 255 (ignored), k -> k - 1; 255 stays 255."""
+        return np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
+
+
+def padded_size(height: int, width: int, size_divisor: int | None) -> SizeDict:
+    """`height` x `width` rounded up to multiples of `size_divisor` (unchanged without one)."""
+    if size_divisor:
+        height, width = -(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor
+    return SizeDict(height=height, width=width)
+
+
+def check_pairs(images: list[np.ndarray], label_maps: list[np.ndarray]) -> None:
+    """Images and segmentation maps must come in equal numbers and with equal sizes."""
+    if len(images) != len(label_maps):
+        raise ValueError(
+            f"Got {len(images)} images but {len(label_maps)} segmentation maps; pass one (H, W) map per image."
+        )
+    for index, (image, label_map) in enumerate(zip(images, label_maps)):
+        if image.shape[-2:] != label_map.shape[-2:]:
+            raise ValueError(
+                f"Image {index} is {image.shape[-2]}x{image.shape[-1]} (HxW) but its segmentation map is "
+                f"{label_map.shape[-2]}x{label_map.shape[-1]}; they must have the same size."
+            )
+
+
+def _as_list(images: ImageInput) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+__all__ = ["SemaskImageProcessor"]
