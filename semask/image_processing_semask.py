@@ -255,6 +255,18 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
             ]
         return processed
 
+    def to_dict(self) -> dict:
+        """As saved in preprocessor_config.json; the remote-code entry is keyed by backend ({"pil": ...}).
+
+        AutoImageProcessor reads that form, while `pipeline(...)`'s optional video-processor lookup, which would
+        otherwise take the image processor's entry for a video processor and ask to run remote code, skips it.
+        """
+        output = super().to_dict()
+        auto_map = dict(output.get("auto_map") or {})
+        if isinstance(auto_map.get("AutoImageProcessor"), str):
+            output["auto_map"] = {**auto_map, "AutoImageProcessor": {"pil": auto_map["AutoImageProcessor"]}}
+        return output
+
     def reduce_label(self, label: np.ndarray) -> np.ndarray:
         """0 -> 255 (ignored), k -> k - 1; 255 stays 255."""
         return np.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)

@@ -1,0 +1,147 @@
+"""Evaluation-time inference as in the original SeMask code (mmsegmentation 0.x `EncoderDecoder`).
+
+Works with any model whose output has `logits` (B, C, h, w), e.g. every `AutoModelForSemanticSegmentation`:
+
+- whole: the model's logits are resized (bilinear) to the network input, then to the image's original size;
+- slide: overlapping crops (`crop_size`, `stride`), each crop's input-size logits summed and divided by the
+  number of crops covering each pixel, then resized to the original size;
+- multi-scale + flip: the processor's scale times each ratio (`MS_FLIP_SCALES` for the paper's "ms+flip"),
+  optionally with the horizontally flipped image; softmax probabilities averaged at the original size.
+
+Logits are resized a few classes at a time, so memory holds one (C, H, W) map at the original size plus small
+per-chunk buffers, not a full-resolution copy per scale.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import ImageInput, get_image_size, infer_channel_dimension_format, is_pil_image
+
+MS_FLIP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+MODES = ("whole", "slide")
+CLASS_CHUNK = 16
+
+
+def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], align_corners: bool = False) -> torch.Tensor:
+    """Resize (B, C, h, w) logits bilinearly through each size in `sizes` in turn, `CLASS_CHUNK` classes at a time."""
+    chunks = []
+    for chunk in logits.split(CLASS_CHUNK, dim=1):
+        for size in sizes:
+            if tuple(chunk.shape[-2:]) != tuple(size):
+                chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=align_corners)
+        chunks.append(chunk)
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    mode: str = "whole",
+    crop_size: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    output_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Float32 logits (B, C, H, W) of `model` for `pixel_values` (B, 3, H, W), resized to `output_size` if given."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown inference mode {mode!r}; expected one of {MODES}.")
+    align_corners = getattr(model.config, "align_corners", False)
+    input_size = tuple(pixel_values.shape[-2:])
+    if mode == "slide":
+        logits = sliding_window_logits(model, pixel_values, *crop_and_stride(crop_size, stride), align_corners)
+        return resize_logits(logits, [output_size or input_size], align_corners)
+    logits = model(pixel_values=pixel_values).logits.float()
+    return resize_logits(logits, [input_size, output_size or input_size], align_corners)
+
+
+def crop_and_stride(
+    crop_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(crop, stride) as (height, width) pairs; the stride defaults to two thirds of the crop (mmseg's 512 -> 341)."""
+    if crop_size is None:
+        raise ValueError("Sliding-window inference needs `crop_size` (e.g. the training crop, 512 or (512, 512)).")
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    steps = tuple(side * 2 // 3 for side in crop) if stride is None else stride
+    steps = (steps, steps) if isinstance(steps, int) else tuple(steps)
+    if min(crop) <= 0 or min(steps) <= 0:
+        raise ValueError(f"`crop_size` and `stride` must be positive, got {crop} and {steps}.")
+    return crop, steps
+
+
+def sliding_window_logits(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """mmseg's `slide_inference`: crops anchored to the image's far edge, overlapping logits averaged."""
+    height, width = pixel_values.shape[-2:]
+    rows = max(height - crop[0] + stride[0] - 1, 0) // stride[0] + 1
+    columns = max(width - crop[1] + stride[1] - 1, 0) // stride[1] + 1
+    logits, counts = None, pixel_values.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for row in range(rows):
+        for column in range(columns):
+            bottom, right = min(row * stride[0] + crop[0], height), min(column * stride[1] + crop[1], width)
+            top, left = max(bottom - crop[0], 0), max(right - crop[1], 0)
+            window = pixel_values[..., top:bottom, left:right]
+            window_logits = model(pixel_values=window).logits.float()
+            window_logits = resize_logits(window_logits, [window.shape[-2:]], align_corners)
+            if logits is None:
+                logits = window_logits.new_zeros((*window_logits.shape[:2], height, width))
+            logits[..., top:bottom, left:right] += window_logits
+            counts[..., top:bottom, left:right] += 1
+    return logits / counts
+
+
+def original_size(image: ImageInput) -> tuple[int, int]:
+    """(height, width) of a PIL image, an (H, W[, C]) / (C, H, W) array or tensor."""
+    if is_pil_image(image):
+        return image.height, image.width
+    array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    if array.ndim == 2:
+        return array.shape
+    return get_image_size(array, infer_channel_dimension_format(array, num_channels=(1, 3, 4)))
+
+
+def scaled_size(processor: BaseImageProcessor, ratio: float) -> dict[str, int]:
+    """The processor's target size times `ratio`, truncated as mmseg's `MultiScaleFlipAug` does."""
+    return {key: int(value * ratio) for key, value in dict(processor.size).items()}
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    processor: BaseImageProcessor,
+    image: ImageInput,
+    *,
+    mode: str = "whole",
+    crop_size: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] | None = None,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+) -> torch.Tensor:
+    """Class probabilities (C, H, W) for one image at its original size; `argmax(0)` gives the label map.
+
+    `scales=MS_FLIP_SCALES, flip=True` is the paper's "ms+flip" protocol; the defaults are single-scale whole
+    inference. The model is used as it is (call `model.eval()` first).
+    """
+    if not scales:
+        raise ValueError("`scales` must hold at least one ratio, e.g. (1.0,) or semask.inference.MS_FLIP_SCALES.")
+    height, width = original_size(image)
+    parameter = next(model.parameters())
+    probabilities = None
+    for ratio in scales:
+        inputs = processor(image, size=scaled_size(processor, ratio), return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(parameter.device, parameter.dtype)
+        for flipped in (False, True) if flip else (False,):
+            batch = pixel_values.flip(-1) if flipped else pixel_values
+            logits = predict_logits(
+                model, batch, mode=mode, crop_size=crop_size, stride=stride, output_size=(height, width)
+            )
+            scale_probabilities = logits.softmax(dim=1)[0]
+            scale_probabilities = scale_probabilities.flip(-1) if flipped else scale_probabilities
+            probabilities = scale_probabilities if probabilities is None else probabilities + scale_probabilities
+    return probabilities / (len(scales) * (2 if flip else 1))
