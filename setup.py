@@ -19,11 +19,12 @@ setup(
         "safetensors",
         "numpy",
         "pillow",
+        "opencv-python-headless",
         "tqdm",
     ],
     extras_require={
         "train": ["accelerate>=1.10", "datasets>=4", "matplotlib"],
-        "dev": ["pytest", "ruff", "opencv-python-headless", "accelerate>=1.10", "datasets>=4", "matplotlib"],
+        "dev": ["pytest", "ruff", "accelerate>=1.10", "datasets>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["semask-convert=semask.conversion:main"]},
 )
