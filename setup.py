@@ -26,5 +26,7 @@ setup(
         "train": ["accelerate>=1.10", "datasets>=4", "matplotlib"],
         "dev": ["pytest", "ruff", "accelerate>=1.10", "datasets>=4", "matplotlib"],
     },
-    entry_points={"console_scripts": ["semask-convert=semask.conversion:main"]},
+    entry_points={
+        "console_scripts": ["semask-convert=semask.conversion:main", "semask-segment=semask.cli:main"],
+    },
 )

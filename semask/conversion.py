@@ -1,7 +1,10 @@
 """Conversion of original SeMask-FPN (mmsegmentation 0.x) checkpoints to semask `save_pretrained` folders.
 
     python scripts/convert_semask_original_to_hf.py --checkpoint semask_tiny_ade20k.pth --output semask-tiny-ade20k \
-        --preset semask-tiny-fpn-ade20k
+        --preset semask-tiny-fpn-ade20k [--push-to-hub me/semask-tiny-fpn-ade20k [--private]]
+
+The output folder holds the weights, the config, the model code, the image processor of the preset's dataset (the
+original test pipeline) and a model card.
 
 The weights fix the Swin architecture, the class count, the semantic blocks per stage and the decoder width.
 What they do not fix comes from the preset, from the overrides, or from the original's rules: the semantic window
@@ -18,8 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi
 
 from .configuration_semask import SemaskConfig, settings_equal
+from .image_processing_semask import SemaskImageProcessor
+from .modelcard import preset_dataset, preset_mismatches, write_model_card
 from .modeling_semask import SemaskForSemanticSegmentation
 from .presets import PRESET_NAMES, fpn_preset, fpn_semantic_attention
 
@@ -206,25 +212,54 @@ def convert_original_checkpoint(
 
 
 def convert_checkpoint_file(
-    checkpoint: str | Path, output_dir: str | Path, preset: str | None = None, **overrides
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    preset: str | None = None,
+    *,
+    model_id: str | None = None,
+    **overrides,
 ) -> SemaskForSemanticSegmentation:
-    """Convert an original checkpoint file into a new `save_pretrained` folder, writing nothing on failure.
+    """Convert an original checkpoint file into a new folder (model, image processor, model card), all or nothing.
 
     `output_dir` must not exist or be an empty folder; it is filled only once the conversion has succeeded.
+    The image processor is the original test pipeline of the preset's dataset (without a preset: the ADE20K one).
+    The card reports the preset's original numbers unless overrides changed the released architecture or labels.
+    `model_id` names the model in the card's usage snippets (default: the folder's name).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} already exists and is not an empty folder; choose a new output folder.")
     model = convert_original_checkpoint(load_original_state_dict(checkpoint), preset, **overrides)
+    processor = SemaskImageProcessor.from_dataset(preset_dataset(preset)) if preset else SemaskImageProcessor()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.")
     try:
         model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        card_preset = preset if preset and not preset_mismatches(model.config, preset) else None
+        write_model_card(staging, model.config, preset=card_preset, model_id=model_id or output_dir.name)
         os.replace(staging, output_dir)  # atomic; replaces an empty folder
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return model
+
+
+def push_converted_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a converted folder to the Hub: model and image processor with their `push_to_hub`, then the model card.
+
+    Returns the full repository id (with the namespace `create_repo` resolved).
+    """
+    folder = Path(folder)
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    SemaskForSemanticSegmentation.from_pretrained(folder).push_to_hub(repo_id, commit_message="Upload SeMask model")
+    SemaskImageProcessor.from_pretrained(folder).push_to_hub(repo_id, commit_message="Upload SeMask image processor")
+    # `push_to_hub` above writes transformers' generic card when the repository has none; replace it with ours.
+    api.upload_file(
+        path_or_fileobj=folder / "README.md", path_in_repo="README.md", repo_id=repo_id, commit_message="Add model card"
+    )
+    return repo_id
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,7 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--semantic-window-size", type=int, help="semantic attention window (default: Swin window)")
     parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
-    return parser.parse_args(argv)
+    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private only applies with --push-to-hub REPO")
+    return args
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -258,7 +298,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = convert_checkpoint_file(args.checkpoint, args.output, args.preset, **overrides_from_args(args))
+        model = convert_checkpoint_file(
+            args.checkpoint, args.output, args.preset, model_id=args.push_to_hub, **overrides_from_args(args)
+        )
     except (CheckpointMismatchError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -267,4 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Wrote {args.output}: SeMask embed_dim={config.embed_dim} depths={list(config.depths)} "
         f"labels={config.num_labels} semantic_attention={list(config.semantic_attention)}"
     )
+    if args.push_to_hub:
+        try:
+            repo_id = push_converted_folder(args.output, args.push_to_hub, private=args.private)
+        except OSError as error:  # includes the Hub's HTTP errors and offline mode
+            print(
+                f"error: {args.output} was written but the upload to {args.push_to_hub} failed: {error}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"Pushed to https://huggingface.co/{repo_id}")
     return 0
