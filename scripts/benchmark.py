@@ -1,0 +1,281 @@
+"""Speed, memory and FLOPs of SeMask-FPN against its plain Swin-FPN baseline, UperNet+Swin and Segformer, in one run.
+
+    .venv/bin/python scripts/benchmark.py --sizes tiny --resolutions 512 --threads 2 --markdown docs/benchmarks.md
+
+Every case runs in its own subprocess (so peak memory is the case's own) with random weights: latency (median,
+min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
+against a GEMM rate measured on the spot, for inference or a training step (forward + backward + AdamW step).
+Ratios compare each case's median time with the reference model's in the same setting.
+"""
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    SegformerConfig,
+    SegformerForSemanticSegmentation,
+    SwinConfig,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+from semask import SemaskConfig, SemaskForSemanticSegmentation
+from semask.presets import SWIN_SIZES
+
+MODELS = ("semask", "swin-fpn", "upernet-swin", "segformer")
+CROP_SIZES = {"tiny": 512, "small": 512, "base": 512, "large": 640}
+# Segformer variants of comparable size: B2 ~ Swin-T, B3 ~ Swin-S, B4 ~ Swin-B, B5 ~ Swin-L.
+SEGFORMER_SIZES = {
+    "tiny": {"depths": (3, 4, 6, 3)},
+    "small": {"depths": (3, 4, 18, 3)},
+    "base": {"depths": (3, 8, 27, 3)},
+    "large": {"depths": (3, 6, 40, 3)},
+}
+SEGFORMER_WIDE = {"hidden_sizes": (64, 128, 320, 512), "decoder_hidden_size": 768, "num_attention_heads": (1, 2, 5, 8)}
+NUM_LABELS = 150
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    size: str
+    resolution: int
+    batch: int
+    task: str  # "inference" or "train"
+    attention: str  # "sdpa" or "eager"
+    dtype: str  # "fp32" or "bf16" (autocast)
+    compile: bool
+    checkpointing: bool
+
+
+def build_model(case: Case) -> torch.nn.Module:
+    """A randomly initialised model for `case` with 150 classes."""
+    if case.model in ("semask", "swin-fpn"):
+        overrides = {"num_semantic_blocks": (0, 0, 0, 0)} if case.model == "swin-fpn" else {}
+        config = SemaskConfig.from_preset(f"semask-{case.size}-fpn-ade20k", **overrides)
+        return SemaskForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
+    if case.model == "upernet-swin":
+        stages = ["stage1", "stage2", "stage3", "stage4"]
+        backbone = SwinConfig(**SWIN_SIZES[case.size], out_features=stages, drop_path_rate=0.3)
+        config = UperNetConfig(backbone_config=backbone, num_labels=NUM_LABELS, use_auxiliary_head=case.task == "train")
+        return UperNetForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
+    if case.model == "segformer":
+        config = SegformerConfig(**SEGFORMER_WIDE, **SEGFORMER_SIZES[case.size], num_labels=NUM_LABELS)
+        return SegformerForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
+    raise ValueError(f"Unknown model {case.model!r}; expected one of {MODELS}.")
+
+
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The best matrix-multiply rate (GFLOP/s) of this machine for `dtype`, measured now."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_case(case: Case, warmup: int, runs: int) -> dict:
+    """Measure one case in this process: FLOPs, latencies and peak memory."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = build_model(case).to(device)
+    if case.checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train(case.task == "train")
+    pixel_values = torch.randn(case.batch, 3, case.resolution, case.resolution, device=device)
+    labels = torch.randint(0, NUM_LABELS, (case.batch, case.resolution, case.resolution), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if case.task == "train" else None
+    forward = torch.compile(model) if case.compile else model
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=case.dtype == "bf16")
+
+    def step() -> None:
+        if optimizer is None:
+            with torch.inference_mode(), autocast:
+                outputs = forward(pixel_values=pixel_values)
+            if not torch.isfinite(outputs.logits).all():
+                raise FloatingPointError(f"non-finite logits in {case}")
+            return
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = forward(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss in {case}")
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    first_call = _timed(step)  # includes compilation when compiling
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [_timed(step) for _ in range(runs)]
+    peak_mb = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    )
+    return {
+        "gflops": counter.get_total_flops() / 1e9,
+        "first_call_s": first_call,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "peak_mb": peak_mb,
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def run_in_subprocess(case: Case, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--case", json.dumps(asdict(case))]
+    command += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--runs", str(args.runs)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cases_from_args(args: argparse.Namespace) -> list[Case]:
+    cases = []
+    for size, resolution, task, batch, model, attention, dtype, compiled, checkpointing in itertools.product(
+        args.sizes,
+        args.resolutions,
+        args.tasks,
+        args.batch_sizes,
+        args.models,
+        args.attention,
+        args.dtypes,
+        args.compile,
+        args.checkpointing,
+    ):
+        if checkpointing and task != "train":
+            continue
+        if model == "upernet-swin":
+            attention = "eager"  # transformers' Swin has no SDPA path
+        resolution = CROP_SIZES[size] if resolution == "crop" else int(resolution)
+        case = Case(model, size, resolution, batch, task, attention, dtype, compiled, checkpointing)
+        if case not in cases:
+            cases.append(case)
+    return cases
+
+
+def add_ratios(rows: list[dict], reference: str, peaks: dict[str, float]) -> None:
+    """Each row's time relative to the reference model's in the same setting, and its share of the GEMM rate."""
+    setting_keys = ("size", "resolution", "batch", "task", "attention", "dtype", "compile", "checkpointing")
+    references = {tuple(r[k] for k in setting_keys): r for r in rows if r["model"] == reference and "median_s" in r}
+    for row in rows:
+        if "median_s" not in row:
+            continue
+        row["images_per_s"] = row["batch"] / row["median_s"]
+        row["gflop_per_s"] = row["gflops"] / row["median_s"]
+        row["percent_of_gemm"] = 100 * row["gflop_per_s"] / peaks[row["dtype"]]
+        reference_row = references.get(tuple(row[k] for k in setting_keys))
+        row["time_ratio"] = row["median_s"] / reference_row["median_s"] if reference_row else None
+
+
+COLUMNS = (
+    ("model", "{}"),
+    ("size", "{}"),
+    ("resolution", "{}"),
+    ("batch", "{}"),
+    ("task", "{}"),
+    ("attention", "{}"),
+    ("dtype", "{}"),
+    ("compile", "{}"),
+    ("checkpointing", "{}"),
+    ("gflops", "{:.1f}"),
+    ("median_s", "{:.3f}"),
+    ("min_s", "{:.3f}"),
+    ("max_s", "{:.3f}"),
+    ("images_per_s", "{:.2f}"),
+    ("gflop_per_s", "{:.1f}"),
+    ("percent_of_gemm", "{:.0f}"),
+    ("peak_mb", "{:.0f}"),
+    ("time_ratio", "{:.2f}"),
+    ("first_call_s", "{:.1f}"),
+)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if "error" in row:
+            cells = [str(row[name]) for name, _ in COLUMNS[:9]] + [f"error: {row['error']}"]
+        else:
+            cells = ["-" if row.get(name) is None else fmt.format(row[name]) for name, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--reference", choices=MODELS, default="semask", help="model the time ratios refer to")
+    parser.add_argument("--sizes", nargs="+", choices=list(CROP_SIZES), default=["tiny"])
+    parser.add_argument("--resolutions", nargs="+", default=["crop"], help="square sides, or 'crop' (the size's)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+    parser.add_argument("--tasks", nargs="+", choices=("inference", "train"), default=["inference"])
+    parser.add_argument("--attention", nargs="+", choices=("sdpa", "eager"), default=["sdpa"])
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
+    parser.add_argument("--compile", nargs="+", type=lambda v: v == "on", default=[False], help="off and/or on")
+    parser.add_argument("--checkpointing", nargs="+", type=lambda v: v == "on", default=[False], help="off / on")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="write all rows as JSON")
+    parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.case:
+        print(json.dumps(run_case(Case(**json.loads(args.case)), args.warmup, args.runs)))
+        return
+    peaks = {"fp32": gemm_gflops(torch.float32)}
+    if "bf16" in args.dtypes:
+        peaks["bf16"] = gemm_gflops(torch.bfloat16)
+    print("GEMM rate (2048x2048 matmul): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    rows = []
+    for case in cases_from_args(args):
+        rows.append({**asdict(case), **run_in_subprocess(case, args)})
+        print(json.dumps(rows[-1]), flush=True)
+    add_ratios(rows, args.reference, peaks)
+    table = markdown_table(rows)
+    print(table)
+    command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+    header = (
+        f"Command: `{command}`\n\ntorch {torch.__version__}, {args.threads} threads, GEMM rate "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+        + f"; time_ratio = median time / {args.reference}'s in the same setting.\n\n"
+    )
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(header + table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"peaks": peaks, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
