@@ -23,8 +23,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["accelerate>=1.10", "datasets>=4", "matplotlib"],
-        "dev": ["pytest", "ruff", "accelerate>=1.10", "datasets>=4", "matplotlib"],
+        "train": ["accelerate>=1.10", "datasets>=4", "matplotlib", "scipy"],
+        "dev": ["pytest", "ruff", "accelerate>=1.10", "datasets>=4", "matplotlib", "scipy"],
     },
     entry_points={
         "console_scripts": ["semask-convert=semask.conversion:main", "semask-segment=semask.cli:main"],

@@ -1,4 +1,4 @@
-"""Convert an original SeMask-FPN checkpoint to a semask model folder (see `semask.conversion`)."""
+"""Convert an original SeMask-FPN or SeMask-Mask2Former checkpoint to a semask model folder (`semask.conversion`)."""
 
 import sys
 

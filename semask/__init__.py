@@ -4,9 +4,17 @@ Importing the package registers its classes with the Auto classes; saved folders
 (`auto_map`) so they load with `trust_remote_code=True` where semask is not installed.
 """
 
-from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
+)
 
 from .configuration_semask import SemaskConfig
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .image_processing_semask import SemaskImageProcessor
 from .modeling_semask import (
     SemaskBackbone,
@@ -14,19 +22,37 @@ from .modeling_semask import (
     SemaskModel,
     SemaskPreTrainedModel,
 )
+from .modeling_semask_mask2former import (
+    SemaskMask2FormerForUniversalSegmentation,
+    SemaskMask2FormerModel,
+    SemaskMask2FormerPreTrainedModel,
+)
 
+# config class -> {model class: the Auto classes that load it (the first one is saved with the model's code)}
 AUTO_CLASSES = {
-    SemaskModel: AutoModel,
-    SemaskForSemanticSegmentation: AutoModelForSemanticSegmentation,
-    SemaskBackbone: AutoBackbone,
+    SemaskConfig: {
+        SemaskModel: [AutoModel],
+        SemaskForSemanticSegmentation: [AutoModelForSemanticSegmentation],
+        SemaskBackbone: [AutoBackbone],
+    },
+    SemaskMask2FormerConfig: {
+        SemaskMask2FormerModel: [AutoModel],
+        # AutoModelForSemanticSegmentation: pipeline("image-segmentation") loads models through it
+        SemaskMask2FormerForUniversalSegmentation: [
+            AutoModelForUniversalSegmentation,
+            AutoModelForSemanticSegmentation,
+        ],
+    },
 }
 
-AutoConfig.register(SemaskConfig.model_type, SemaskConfig, exist_ok=True)
-SemaskConfig.register_for_auto_class()
-for model_class, auto_class in AUTO_CLASSES.items():
-    auto_class.register(SemaskConfig, model_class, exist_ok=True)
-    model_class.register_for_auto_class(auto_class.__name__)
-AutoImageProcessor.register(SemaskConfig, image_processor_classes={"pil": SemaskImageProcessor}, exist_ok=True)
+for config_class, model_classes in AUTO_CLASSES.items():
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    for model_class, auto_classes in model_classes.items():
+        for auto_class in auto_classes:
+            auto_class.register(config_class, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_classes[0].__name__)
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": SemaskImageProcessor}, exist_ok=True)
 SemaskImageProcessor.register_for_auto_class()
 
 __all__ = [
@@ -34,6 +60,10 @@ __all__ = [
     "SemaskConfig",
     "SemaskForSemanticSegmentation",
     "SemaskImageProcessor",
+    "SemaskMask2FormerConfig",
+    "SemaskMask2FormerForUniversalSegmentation",
+    "SemaskMask2FormerModel",
+    "SemaskMask2FormerPreTrainedModel",
     "SemaskModel",
     "SemaskPreTrainedModel",
 ]

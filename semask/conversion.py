@@ -3,6 +3,9 @@
     python scripts/convert_semask_original_to_hf.py --checkpoint semask_tiny_ade20k.pth --output semask-tiny-ade20k \
         --preset semask-tiny-fpn-ade20k [--push-to-hub me/semask-tiny-fpn-ade20k [--private]]
 
+SeMask-Mask2Former (detectron2) checkpoints are recognised by their keys and converted by
+`semask.conversion_mask2former`, through the same command.
+
 The output folder holds the weights, the config, the model code, the image processor of the preset's dataset (the
 original test pipeline) and a model card.
 
@@ -22,12 +25,21 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
+from transformers import AutoModelForSemanticSegmentation, PreTrainedConfig, PreTrainedModel
 
 from .configuration_semask import SemaskConfig, settings_equal
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .image_processing_semask import SemaskImageProcessor
 from .modelcard import preset_dataset, preset_mismatches, write_model_card
 from .modeling_semask import SemaskForSemanticSegmentation
-from .presets import PRESET_NAMES, fpn_preset, fpn_semantic_attention
+from .presets import (
+    MASK2FORMER_PRESET_NAMES,
+    MASK2FORMER_PROCESSING,
+    PRESET_NAMES,
+    fpn_preset,
+    fpn_semantic_attention,
+    mask2former_preset_dataset,
+)
 
 # (original key pattern, semask key template); the fused `qkv` projection is split separately.
 KEY_RENAMES = [
@@ -59,23 +71,34 @@ class CheckpointMismatchError(ValueError):
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an original checkpoint (``{'state_dict': ...}`` or a bare state dict) without unpickling code."""
+    """Read an original checkpoint without unpickling code: ``{'state_dict': ...}`` (mmsegmentation),
+    ``{'model': ...}`` (detectron2) or a bare state dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    state_dict = None
+    if isinstance(checkpoint, dict):
+        state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state_dict, dict) or not any(key.startswith("backbone.") for key in state_dict):
         raise CheckpointMismatchError(
-            f"{path} is not an original SeMask-FPN checkpoint: expected a state dict with `backbone.*` and "
-            "`decode_head.*` keys, or a dict holding one under 'state_dict'."
+            f"{path} is not an original SeMask-FPN checkpoint (a state dict with `backbone.*` and `decode_head.*` "
+            "keys, or a dict holding one under 'state_dict') nor a SeMask-Mask2Former one (`backbone.*` and "
+            "`sem_seg_head.*` keys, under 'model')."
         )
     return state_dict
 
 
+def is_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether an original state dict is a SeMask-Mask2Former (detectron2) one rather than a SeMask-FPN one."""
+    return any(key.startswith("sem_seg_head.") for key in state_dict)
+
+
 def _require(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state_dict:
-        raise CheckpointMismatchError(f"The checkpoint lacks `{key}`, which every SeMask-FPN checkpoint has.")
+        raise CheckpointMismatchError(
+            f"The checkpoint lacks `{key}`, which every original SeMask checkpoint of its kind has."
+        )
     return state_dict[key]
 
 
@@ -84,8 +107,8 @@ def _indices(state_dict: dict[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted(found)
 
 
-def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
-    """The `SemaskConfig` arguments that the original weights determine."""
+def infer_encoder_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The `SemaskConfig` encoder arguments that the original `backbone.*` weights determine (no label set)."""
     projection = _require(state_dict, "backbone.patch_embed.proj.weight")
     embed_dim, num_channels, patch_size = projection.shape[0], projection.shape[1], projection.shape[2]
     stages = _indices(state_dict, r"backbone\.layers\.(\d+)\.")
@@ -96,15 +119,6 @@ def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     semantic_blocks = [
         len(_indices(state_dict, rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\.")) for i in stages
     ]
-    classifier = _require(state_dict, "decode_head.conv_seg.weight")
-    num_labels = classifier.shape[0]
-    if any(semantic_blocks):
-        prior_classes = _require(state_dict, "backbone.layers.0.semantic_layer.class_injection.0.mlp_cls_q.weight")
-        if prior_classes.shape[0] != num_labels:
-            raise CheckpointMismatchError(
-                f"The semantic layers predict {prior_classes.shape[0]} classes but the decode head {num_labels}; "
-                "semask needs one label set for both."
-            )
     kwargs = {
         "embed_dim": embed_dim,
         "num_channels": num_channels,
@@ -117,22 +131,35 @@ def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
         "patch_norm": "backbone.patch_embed.norm.weight" in state_dict,
         "use_absolute_embeddings": "backbone.absolute_pos_embed" in state_dict,
         "num_semantic_blocks": semantic_blocks,
-        "decoder_hidden_size": classifier.shape[1],
-        "num_labels": num_labels,
     }
     if kwargs["use_absolute_embeddings"]:
         kwargs["image_size"] = state_dict["backbone.absolute_pos_embed"].shape[-1] * patch_size
     return kwargs
 
 
-def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides) -> SemaskConfig:
-    """A `SemaskConfig` for an original checkpoint: inferred from the weights, then the preset, then `overrides`.
+def check_label_count(state_dict: dict[str, torch.Tensor], num_labels: int, head: str) -> None:
+    """Raise `CheckpointMismatchError` unless the semantic layers (if any) predict the head's `num_labels` classes."""
+    prior_key = "backbone.layers.0.semantic_layer.class_injection.0.mlp_cls_q.weight"
+    if prior_key in state_dict and state_dict[prior_key].shape[0] != num_labels:
+        raise CheckpointMismatchError(
+            f"The semantic layers predict {state_dict[prior_key].shape[0]} classes but the {head} {num_labels}; "
+            "semask needs one label set for both."
+        )
 
-    A preset (or an override) that contradicts the weights raises `CheckpointMismatchError`.
-    """
-    inferred = infer_config_kwargs(state_dict)
-    num_labels = inferred.pop("num_labels")
-    chosen = {**(fpn_preset(preset) if preset else {}), **overrides}
+
+def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The `SemaskConfig` arguments that the original SeMask-FPN weights determine."""
+    classifier = _require(state_dict, "decode_head.conv_seg.weight")
+    check_label_count(state_dict, classifier.shape[0], "decode head")
+    return {
+        **infer_encoder_kwargs(state_dict),
+        "decoder_hidden_size": classifier.shape[1],
+        "num_labels": classifier.shape[0],
+    }
+
+
+def raise_on_contradictions(chosen: dict, inferred: dict, num_labels: int) -> None:
+    """Raise `CheckpointMismatchError` where chosen settings (preset, overrides) contradict the inferred ones."""
     contradictions = {
         key: (value, inferred[key])
         for key, value in chosen.items()
@@ -145,6 +172,19 @@ def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None
             f"{key}: given {given}, checkpoint {found}" for key, (given, found) in contradictions.items()
         )
         raise CheckpointMismatchError(f"The checkpoint does not match the requested configuration ({details}).")
+
+
+def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides) -> SemaskConfig:
+    """A `SemaskConfig` for an original checkpoint: inferred from the weights, then the preset, then `overrides`.
+
+    A preset (or an override) that contradicts the weights raises `CheckpointMismatchError`.
+    """
+    inferred = infer_config_kwargs(state_dict)
+    num_labels = inferred.pop("num_labels")
+    if preset in MASK2FORMER_PRESET_NAMES:
+        raise CheckpointMismatchError(f"{preset} is a SeMask-Mask2Former preset but this is a SeMask-FPN checkpoint.")
+    chosen = {**(fpn_preset(preset) if preset else {}), **overrides}
+    raise_on_contradictions(chosen, inferred, num_labels)
     kwargs = {
         "semantic_window_size": inferred["window_size"],
         "semantic_attention": fpn_semantic_attention(inferred["embed_dim"], num_labels, len(inferred["depths"])),
@@ -201,8 +241,13 @@ def check_state_dict(converted: dict[str, torch.Tensor], model: torch.nn.Module)
 
 def convert_original_checkpoint(
     state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
-) -> SemaskForSemanticSegmentation:
-    """A `SemaskForSemanticSegmentation` (eval mode) holding the weights of an original SeMask-FPN state dict."""
+) -> PreTrainedModel:
+    """The semask model (eval mode) holding the weights of an original state dict: `SemaskForSemanticSegmentation`
+    for SeMask-FPN, `SemaskMask2FormerForUniversalSegmentation` for SeMask-Mask2Former (`sem_seg_head.*` keys)."""
+    if is_mask2former_state_dict(state_dict):
+        from .conversion_mask2former import convert_mask2former_checkpoint  # that module builds on this one
+
+        return convert_mask2former_checkpoint(state_dict, preset, **overrides)
     config = config_from_original(state_dict, preset, **overrides)
     converted = convert_state_dict(state_dict)
     model = SemaskForSemanticSegmentation(config)
@@ -218,11 +263,12 @@ def convert_checkpoint_file(
     *,
     model_id: str | None = None,
     **overrides,
-) -> SemaskForSemanticSegmentation:
+) -> PreTrainedModel:
     """Convert an original checkpoint file into a new folder (model, image processor, model card), all or nothing.
 
     `output_dir` must not exist or be an empty folder; it is filled only once the conversion has succeeded.
-    The image processor is the original test pipeline of the preset's dataset (without a preset: the ADE20K one).
+    The image processor is the original test pipeline of the preset's dataset (without a preset: the ADE20K one) for
+    the checkpoint's kind (SeMask-FPN or SeMask-Mask2Former, told apart by the keys).
     The card reports the preset's original numbers unless overrides changed the released architecture or labels.
     `model_id` names the model in the card's usage snippets (default: the folder's name).
     """
@@ -230,7 +276,7 @@ def convert_checkpoint_file(
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} already exists and is not an empty folder; choose a new output folder.")
     model = convert_original_checkpoint(load_original_state_dict(checkpoint), preset, **overrides)
-    processor = SemaskImageProcessor.from_dataset(preset_dataset(preset)) if preset else SemaskImageProcessor()
+    processor = original_test_processor(model.config, preset)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.")
     try:
@@ -245,6 +291,15 @@ def convert_checkpoint_file(
     return model
 
 
+def original_test_processor(config: PreTrainedConfig, preset: str | None) -> SemaskImageProcessor:
+    """The original test pipeline of the preset's dataset (without a preset: ADE20K's) for the model's kind."""
+    if isinstance(config, SemaskMask2FormerConfig):
+        return SemaskImageProcessor(
+            **MASK2FORMER_PROCESSING[mask2former_preset_dataset(preset) if preset else "ade20k"]
+        )
+    return SemaskImageProcessor.from_dataset(preset_dataset(preset)) if preset else SemaskImageProcessor()
+
+
 def push_converted_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload a converted folder to the Hub: model and image processor with their `push_to_hub`, then the model card.
 
@@ -253,7 +308,8 @@ def push_converted_folder(folder: str | Path, repo_id: str, private: bool = Fals
     folder = Path(folder)
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    SemaskForSemanticSegmentation.from_pretrained(folder).push_to_hub(repo_id, commit_message="Upload SeMask model")
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder)  # semask registers both of its kinds
+    model.push_to_hub(repo_id, commit_message="Upload SeMask model")
     SemaskImageProcessor.from_pretrained(folder).push_to_hub(repo_id, commit_message="Upload SeMask image processor")
     # `push_to_hub` above writes transformers' generic card when the repository has none; replace it with ours.
     api.upload_file(
@@ -263,15 +319,29 @@ def push_converted_folder(folder: str | Path, repo_id: str, private: bool = Fals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convert an original SeMask-FPN checkpoint to a semask model folder.")
-    parser.add_argument("--checkpoint", required=True, help="original mmsegmentation checkpoint (.pth)")
+    parser = argparse.ArgumentParser(
+        description="Convert an original SeMask-FPN or SeMask-Mask2Former checkpoint to a semask model folder."
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="original checkpoint (.pth): mmsegmentation (FPN) or detectron2 (Mask2Former)",
+    )
     parser.add_argument("--output", required=True, help="new folder for the converted model")
-    parser.add_argument("--preset", choices=PRESET_NAMES, help="released model: label names and semantic settings")
+    parser.add_argument(
+        "--preset",
+        choices=PRESET_NAMES + MASK2FORMER_PRESET_NAMES,
+        help="released model: label names and semantic settings",
+    )
     parser.add_argument(
         "--semantic-attention",
         help="comma-separated kind per stage, e.g. windowed,windowed,global,global (default: the original's rule)",
     )
-    parser.add_argument("--semantic-window-size", type=int, help="semantic attention window (default: Swin window)")
+    parser.add_argument(
+        "--semantic-window-size",
+        type=int,
+        help="semantic attention window (default: the Swin window for FPN, 7 for Mask2Former, as the originals)",
+    )
     parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -305,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     config = model.config
+    encoder = getattr(config, "backbone_config", config)
     print(
-        f"Wrote {args.output}: SeMask embed_dim={config.embed_dim} depths={list(config.depths)} "
-        f"labels={config.num_labels} semantic_attention={list(config.semantic_attention)}"
+        f"Wrote {args.output}: {type(model).__name__} embed_dim={encoder.embed_dim} depths={list(encoder.depths)} "
+        f"labels={config.num_labels} semantic_attention={list(encoder.semantic_attention)}"
     )
     if args.push_to_hub:
         try:

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, ImageInput, PILImageResampling, SizeDict, is_pil_image
 from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
+from .inference import MASK_STRIDE, semantic_inference
 from .presets import DATASET_PROCESSING
 
 try:  # OpenCV (what mmcv resizes with) makes the resize bit-exact; PyTorch is the fallback.
@@ -266,6 +268,38 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         if isinstance(auto_map.get("AutoImageProcessor"), str):
             output["auto_map"] = {**auto_map, "AutoImageProcessor": {"pil": auto_map["AutoImageProcessor"]}}
         return output
+
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes: list[tuple[int, int]] | None = None, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
+        """Label maps (H, W) from a model's outputs, at `target_sizes` (the original image sizes) when given.
+
+        Outputs with `logits` (SeMask-FPN): Segformer's post-processing (logits resized to the target size).
+        Mask classification outputs (SeMask-Mask2Former, `masks_queries_logits`): the original semantic inference
+        (`semask.inference.semantic_inference`) over the image as this processor's settings resize it, so the
+        padding the model added is cropped, then resized bilinearly to the target size; without target sizes,
+        over the whole padded input.
+        """
+        if getattr(outputs, "masks_queries_logits", None) is None:
+            return super().post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores)
+        class_logits, masks = outputs.class_queries_logits, outputs.masks_queries_logits
+        if target_sizes is not None and len(target_sizes) != len(masks):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(masks)} predictions; pass one per image.")
+        results = []
+        for index in range(len(masks)):
+            prediction = (class_logits[index : index + 1], masks[index : index + 1])
+            if target_sizes is None:
+                scores = semantic_inference(*prediction, (masks.shape[-2] * MASK_STRIDE, masks.shape[-1] * MASK_STRIDE))
+            else:
+                height, width = (int(side) for side in target_sizes[index])
+                resized = output_size(height, width, self.size) if self.do_resize else (height, width)
+                scores = F.interpolate(semantic_inference(*prediction, resized), size=(height, width), mode="bilinear")
+            results.append(
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": scores[0].argmax(dim=0), "segmentation_scores": scores[0]}
+                )
+            )
+        return results if return_segmentation_scores else [result.segmentation for result in results]
 
     def reduce_label(self, label: np.ndarray) -> np.ndarray:
         """0 -> 255 (ignored), k -> k - 1; 255 stays 255."""

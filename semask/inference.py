@@ -1,12 +1,15 @@
-"""Evaluation-time inference as in the original SeMask code (mmsegmentation 0.x `EncoderDecoder`).
+"""Evaluation-time inference as in the original SeMask code (mmsegmentation 0.x `EncoderDecoder`, detectron2).
 
-Works with any model whose output has `logits` (B, C, h, w), e.g. every `AutoModelForSemanticSegmentation`:
+Works with any model whose output has `logits` (B, C, h, w), e.g. every `AutoModelForSemanticSegmentation`, and with
+mask classification models (Mask2Former, SeMask-Mask2Former), whose per-class scores are the original semantic
+inference (`semantic_inference`). Per-class scores (`class_scores`) are:
 
-- whole: the model's logits are resized (bilinear) to the network input, then to the image's original size;
-- slide: overlapping crops (`crop_size`, `stride`), each crop's input-size logits summed and divided by the
+- whole: the model's scores at the network input, resized (bilinear) to the image's original size;
+- slide: overlapping crops (`crop_size`, `stride`), each crop's input-size scores summed and divided by the
   number of crops covering each pixel, then resized to the original size;
 - multi-scale + flip: the processor's scale times each ratio (`MS_FLIP_SCALES` for the paper's "ms+flip"),
-  optionally with the horizontally flipped image; softmax probabilities averaged at the original size.
+  optionally with the horizontally flipped image; averaged at the original size as probabilities: the softmax
+  of logits, or the mask classification scores as they are (as detectron2's test-time augmentation averages them).
 
 Logits are resized a few classes at a time, so memory holds one (C, H, W) map at the original size plus small
 per-chunk buffers, not a full-resolution copy per scale.
@@ -15,12 +18,15 @@ per-chunk buffers, not a full-resolution copy per scale.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import Mask2FormerConfig, MaskFormerConfig
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ImageInput, get_image_size, infer_channel_dimension_format, is_pil_image
 
 MS_FLIP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 MODES = ("whole", "slide")
 CLASS_CHUNK = 16
+# Mask classification models predict masks at 1/4 of their (padded) input.
+MASK_STRIDE = 4
 
 
 def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], align_corners: bool = False) -> torch.Tensor:
@@ -34,6 +40,40 @@ def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], align_corn
     return torch.cat(chunks, dim=1)
 
 
+def semantic_inference(
+    class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Mask2Former's semantic inference: float32 scores (B, C, H, W) for the input's top-left `size`.
+
+    The masks (B, Q, h, w), which cover the (padded) input at 1/4 resolution, are upsampled bilinearly to it and
+    cropped to `size`; each class scores `sum_q softmax(class logits)[q, c] * sigmoid(mask)[q]`, without the
+    no-object class (the original `semantic_inference`).
+    """
+    height, width = masks_queries_logits.shape[-2:]
+    masks = F.interpolate(
+        masks_queries_logits.float(), size=(height * MASK_STRIDE, width * MASK_STRIDE), mode="bilinear"
+    )
+    masks = masks[..., : size[0], : size[1]].sigmoid()
+    probabilities = class_queries_logits.float().softmax(dim=-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", probabilities, masks)
+
+
+def class_scores(outputs, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Float32 per-class scores (B, C, H, W) at the network input's `size` from a segmentation model's output.
+
+    Outputs with `masks_queries_logits` (mask classification): `semantic_inference`; otherwise the `logits`, resized
+    bilinearly.
+    """
+    if getattr(outputs, "masks_queries_logits", None) is not None:
+        return semantic_inference(outputs.class_queries_logits, outputs.masks_queries_logits, size)
+    return resize_logits(outputs.logits.float(), [size], align_corners)
+
+
+def is_mask_classification(model: torch.nn.Module) -> bool:
+    """Whether `model` segments by mask classification: its scores are averaged as they are, without a softmax."""
+    return isinstance(getattr(model, "config", None), (Mask2FormerConfig, MaskFormerConfig))
+
+
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module,
@@ -44,7 +84,10 @@ def predict_logits(
     stride: tuple[int, int] | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Float32 logits (B, C, H, W) of `model` for `pixel_values` (B, 3, H, W), resized to `output_size` if given."""
+    """Float32 class scores (B, C, H, W) of `model` for `pixel_values` (B, 3, H, W), resized to `output_size` if given.
+
+    The scores are logits, or for mask classification models the semantic inference (`class_scores`).
+    """
     if mode not in MODES:
         raise ValueError(f"Unknown inference mode {mode!r}; expected one of {MODES}.")
     align_corners = getattr(model.config, "align_corners", False)
@@ -52,8 +95,8 @@ def predict_logits(
     if mode == "slide":
         logits = sliding_window_logits(model, pixel_values, *crop_and_stride(crop_size, stride), align_corners)
         return resize_logits(logits, [output_size or input_size], align_corners)
-    logits = model(pixel_values=pixel_values).logits.float()
-    return resize_logits(logits, [input_size, output_size or input_size], align_corners)
+    scores = class_scores(model(pixel_values=pixel_values), input_size, align_corners)
+    return resize_logits(scores, [output_size or input_size], align_corners)
 
 
 def crop_and_stride(
@@ -87,8 +130,7 @@ def sliding_window_logits(
             bottom, right = min(row * stride[0] + crop[0], height), min(column * stride[1] + crop[1], width)
             top, left = max(bottom - crop[0], 0), max(right - crop[1], 0)
             window = pixel_values[..., top:bottom, left:right]
-            window_logits = model(pixel_values=window).logits.float()
-            window_logits = resize_logits(window_logits, [window.shape[-2:]], align_corners)
+            window_logits = class_scores(model(pixel_values=window), window.shape[-2:], align_corners)
             if logits is None:
                 logits = window_logits.new_zeros((*window_logits.shape[:2], height, width))
             logits[..., top:bottom, left:right] += window_logits
@@ -126,22 +168,24 @@ def predict_probabilities(
     """Class probabilities (C, H, W) for one image at its original size; `argmax(0)` gives the label map.
 
     `scales=MS_FLIP_SCALES, flip=True` is the paper's "ms+flip" protocol; the defaults are single-scale whole
-    inference. The model is used as it is (call `model.eval()` first).
+    inference. The model is used as it is (call `model.eval()` first). For mask classification models the
+    "probabilities" are the semantic inference scores, which do not sum to 1 over the classes.
     """
     if not scales:
         raise ValueError("`scales` must hold at least one ratio, e.g. (1.0,) or semask.inference.MS_FLIP_SCALES.")
     height, width = original_size(image)
     parameter = next(model.parameters())
+    mask_classification = is_mask_classification(model)
     probabilities = None
     for ratio in scales:
         inputs = processor(image, size=scaled_size(processor, ratio), return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(parameter.device, parameter.dtype)
         for flipped in (False, True) if flip else (False,):
             batch = pixel_values.flip(-1) if flipped else pixel_values
-            logits = predict_logits(
+            scores = predict_logits(
                 model, batch, mode=mode, crop_size=crop_size, stride=stride, output_size=(height, width)
             )
-            scale_probabilities = logits.softmax(dim=1)[0]
+            scale_probabilities = (scores if mask_classification else scores.softmax(dim=1))[0]
             scale_probabilities = scale_probabilities.flip(-1) if flipped else scale_probabilities
             probabilities = scale_probabilities if probabilities is None else probabilities + scale_probabilities
     return probabilities / (len(scales) * (2 if flip else 1))

@@ -13,11 +13,13 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import PreTrainedConfig
 
-from .configuration_semask import settings_equal
+from .configuration_semask import SemaskConfig, settings_equal
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .image_processing_semask import SemaskImageProcessor
 from .inference import MS_FLIP_SCALES
 from .modeling_semask import SemaskForSemanticSegmentation
-from .presets import PRESET_NAMES, SWIN_SIZES, fpn_preset
+from .modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+from .presets import MASK2FORMER_PRESET_NAMES, MASK2FORMER_PROCESSING, PRESET_NAMES, SWIN_SIZES
 
 PAPER_URL = "https://arxiv.org/abs/2112.12782"
 ORIGINAL_REPO_URL = "https://github.com/Picsart-AI-Research/SeMask-Segmentation"
@@ -70,9 +72,13 @@ ORIGINAL_RESULTS = {
     "semask-small-fpn-coco-stuff10k": ReportedResult("512x512", 40.72, 42.27, "56M"),
     "semask-base-fpn-coco-stuff10k": ReportedResult("512x512", 44.63, 46.30, "96M"),
     "semask-large-fpn-coco-stuff10k": ReportedResult("640x640", 47.47, 48.54, "211M"),
+    # SeMask-Mask2Former rows of the SeMask-Mask2Former README (same commit)
+    "semask-large-mask2former-ade20k": ReportedResult("640x640", 56.41, 57.52, "222M"),
+    "semask-large-mask2former-cityscapes": ReportedResult("512x1024", 83.97, 84.98, "222M"),
 }
-# The preset settings a config must share to carry that preset's reported numbers.
+# The preset settings a config must share to carry that preset's reported numbers (encoder, then Mask2Former).
 PRESET_ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "semantic_attention", "id2label")
+MASK2FORMER_ARCHITECTURE_KEYS = ("feature_size", "hidden_dim", "num_queries", "encoder_layers", "decoder_layers")
 
 
 def write_model_card(
@@ -110,7 +116,7 @@ def write_model_card(
             "numbers would not describe this model. Pass preset=None."
         )
     model_id = model_id or save_directory.resolve().name
-    processor = _saved_or_default_processor(save_directory, dataset_key)
+    processor = _saved_or_default_processor(save_directory, dataset_key, config)
     eval_dataset = _eval_dataset(dataset_name, dataset_key)
 
     card_data = ModelCardData(
@@ -129,7 +135,7 @@ def write_model_card(
         _introduction(model_id, config, preset, base_model),
         describe_architecture(config, count_parameters(config)),
         describe_labels(config.id2label),
-        describe_evaluation_protocol(processor),
+        describe_evaluation_protocol(processor, config),
         _results_section(config, preset, eval_results),
         f"## Training\n\n{training_summary.strip()}" if training_summary else "",
         usage_snippets(model_id),
@@ -145,53 +151,98 @@ def write_model_card(
 def preset_dataset(preset: str) -> str:
     """The dataset key ("ade20k", "cityscapes", "coco-stuff10k") of a released model's preset name."""
     if preset not in ORIGINAL_RESULTS:
-        raise ValueError(f"Unknown SeMask preset {preset!r}; expected one of: {', '.join(PRESET_NAMES)}.")
+        names = ", ".join(PRESET_NAMES + MASK2FORMER_PRESET_NAMES)
+        raise ValueError(f"Unknown SeMask preset {preset!r}; expected one of: {names}.")
     return preset.split("-", 3)[3]
+
+
+def is_mask2former(config: PreTrainedConfig) -> bool:
+    """Whether `config` describes SeMask-Mask2Former (otherwise SeMask-FPN)."""
+    return isinstance(config, SemaskMask2FormerConfig)
+
+
+def encoder_config(config: PreTrainedConfig) -> SemaskConfig:
+    """The SeMask-Swin encoder's settings: the config itself (SeMask-FPN) or its `backbone_config` (Mask2Former)."""
+    return config.backbone_config if is_mask2former(config) else config
 
 
 def preset_mismatches(config: PreTrainedConfig, preset: str) -> list[str]:
     """The architecture / label settings in which `config` differs from the released model `preset`."""
-    expected = fpn_preset(preset)
-    return [key for key in PRESET_ARCHITECTURE_KEYS if not settings_equal(getattr(config, key), expected[key])]
+    expected = (SemaskMask2FormerConfig if preset in MASK2FORMER_PRESET_NAMES else SemaskConfig).from_preset(preset)
+    if is_mask2former(config) != is_mask2former(expected):
+        return ["model kind (SeMask-FPN / SeMask-Mask2Former)"]
+    encoder, expected_encoder = encoder_config(config), encoder_config(expected)
+    different = [
+        key
+        for key in PRESET_ARCHITECTURE_KEYS
+        if not settings_equal(getattr(encoder, key), getattr(expected_encoder, key))
+    ]
+    if is_mask2former(config):
+        different += [key for key in MASK2FORMER_ARCHITECTURE_KEYS if getattr(config, key) != getattr(expected, key)]
+    return different
 
 
 def count_parameters(config: PreTrainedConfig) -> int:
-    """Parameters of `SemaskForSemanticSegmentation(config)`, counted on the meta device (no memory, no init)."""
+    """Parameters of the semask model of `config`, counted on the meta device (no memory, no init)."""
+    model_class = SemaskMask2FormerForUniversalSegmentation if is_mask2former(config) else SemaskForSemanticSegmentation
     with torch.device("meta"):
-        model = SemaskForSemanticSegmentation(config)
+        model = model_class(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 
 def swin_size_name(config: PreTrainedConfig) -> str:
     """The encoder's Swin size ("Swin-T", "Swin-S", "Swin-B", "Swin-L"), or "custom Swin"."""
+    encoder = encoder_config(config)
     for name, size in SWIN_SIZES.items():
-        if all(settings_equal(getattr(config, key), value) for key, value in size.items()):
+        if all(settings_equal(getattr(encoder, key), value) for key, value in size.items()):
             return f"Swin-{name[0].upper()}"
     return "custom Swin"
 
 
+def architecture_name(config: PreTrainedConfig) -> str:
+    """ "SeMask-Mask2Former" or "SeMask-FPN"."""
+    return "SeMask-Mask2Former" if is_mask2former(config) else "SeMask-FPN"
+
+
 def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
     """The architecture section: encoder size, one table row per stage, decoder width and parameter count."""
+    encoder = encoder_config(config)
     rows = [
-        f"| {index + 1} | {config.embed_dim * 2**index} | {depth} | {heads} | {blocks} | {kind} |"
+        f"| {index + 1} | {encoder.embed_dim * 2**index} | {depth} | {heads} | {blocks} | {kind} |"
         for index, (depth, heads, blocks, kind) in enumerate(
-            zip(config.depths, config.num_heads, config.num_semantic_blocks, config.semantic_attention)
+            zip(encoder.depths, encoder.num_heads, encoder.num_semantic_blocks, encoder.semantic_attention)
         )
     ]
+    if is_mask2former(config):
+        heads = (
+            "transformers' Mask2Former pixel decoder and masked-attention transformer decoder, with a "
+            "parameter-free semantic head on the prior maps"
+        )
+        decoder = [
+            f"- Pixel decoder: {config.feature_size} channels, {config.encoder_layers} multi-scale deformable "
+            f"attention layers (FFN {config.encoder_feedforward_dim}), mask features {config.mask_feature_size}",
+            f"- Transformer decoder: {config.num_queries} queries, {config.decoder_layers - 1} layers of width "
+            f"{config.hidden_dim} ({config.num_attention_heads} heads, FFN {config.dim_feedforward}); semantic loss "
+            f"weight {config.semantic_loss_weight:g}",
+        ]
+    else:
+        heads = "the semantic-FPN decode head with a semantic branch"
+        decoder = [
+            f"- Decoder: semantic FPN, {config.decoder_hidden_size} channels, output stride 4; semantic loss weight "
+            f"{config.semantic_loss_weight:g}"
+        ]
     return "\n".join(
         [
             "## Architecture",
             "",
-            f"SeMask-FPN: a SeMask {swin_size_name(config)} encoder (Swin Transformer stages, each followed by a "
-            "semantic layer that predicts a per-class prior map) and the semantic-FPN decode head with a semantic "
-            "branch.",
+            f"{architecture_name(config)}: a SeMask {swin_size_name(config)} encoder (Swin Transformer stages, each "
+            f"followed by a semantic layer that predicts a per-class prior map) and {heads}.",
             "",
-            f"- Swin: embed_dim {config.embed_dim}, depths {list(config.depths)}, heads {list(config.num_heads)}, "
-            f"window {config.window_size}, patch size {config.patch_size}, MLP ratio {config.mlp_ratio:g}",
-            f"- Semantic layers: window {config.semantic_window_size} (never shifted); attention kind per stage "
-            f"{list(config.semantic_attention)}",
-            f"- Decoder: semantic FPN, {config.decoder_hidden_size} channels, output stride 4; semantic loss weight "
-            f"{config.semantic_loss_weight:g}",
+            f"- Swin: embed_dim {encoder.embed_dim}, depths {list(encoder.depths)}, heads {list(encoder.num_heads)}, "
+            f"window {encoder.window_size}, patch size {encoder.patch_size}, MLP ratio {encoder.mlp_ratio:g}",
+            f"- Semantic layers: window {encoder.semantic_window_size} (never shifted); attention kind per stage "
+            f"{list(encoder.semantic_attention)}",
+            *decoder,
             f"- Parameters: {num_parameters / 1e6:.1f}M ({num_parameters:,})",
             "",
             "| stage | width | Swin blocks | heads | semantic blocks | semantic attention |",
@@ -210,7 +261,7 @@ def describe_labels(id2label: dict[int, str]) -> str:
     return f"## Labels\n\n{len(id2label)} classes (index: name).\n\n{table}"
 
 
-def describe_evaluation_protocol(processor: SemaskImageProcessor) -> str:
+def describe_evaluation_protocol(processor: SemaskImageProcessor, config: PreTrainedConfig | None = None) -> str:
     """The evaluation protocol of the original test pipeline, with the processor's settings."""
     size = processor.size
     if size.shortest_edge and size.longest_edge:
@@ -228,18 +279,30 @@ def describe_evaluation_protocol(processor: SemaskImageProcessor) -> str:
         else "Ground-truth labels are used as they are (no label reduction); 255 is ignored."
     )
     scales = ", ".join(f"{scale:g}" for scale in MS_FLIP_SCALES)
+    if config is not None and is_mask2former(config):
+        origin = "SeMask-Mask2Former test pipeline (detectron2)"
+        segment = (
+            f"The model pads the image to a multiple of {config.size_divisibility} and predicts class-scored masks; "
+            "the semantic inference (class probabilities without no-object times mask sigmoids, masks upsampled "
+            "bilinearly) is cropped to the image and resized (bilinear) back to the original size."
+        )
+        averaged = "semantic inference scores (no softmax, as detectron2's test-time augmentation)"
+    else:
+        origin = "SeMask test pipeline (mmsegmentation 0.x)"
+        segment = "The whole image is segmented at once; the logits are resized (bilinear) back to the original size."
+        averaged = "softmax probabilities"
     return "\n".join(
         [
             "## Evaluation protocol",
             "",
-            "The original SeMask test pipeline (mmsegmentation 0.x), which the saved image processor reproduces:",
+            f"The original {origin}, which the saved image processor reproduces:",
             "",
             f"1. The image is {resize}.",
             f"2. It is normalised with the ImageNet mean ({mean}) and std ({std}) on the 0-255 RGB scale.",
-            "3. The whole image is segmented at once; the logits are resized (bilinear) back to the original size.",
+            f"3. {segment}",
             f"4. {labels}",
             "",
-            f'"ms+flip" averages the softmax probabilities over the scales {scales} of that size, each with and '
+            f'"ms+flip" averages the {averaged} over the scales {scales} of that size, each with and '
             "without a horizontal flip, at the original size (`semask.inference.predict_probabilities`).",
         ]
     )
@@ -331,7 +394,8 @@ def _introduction(model_id: str, config: PreTrainedConfig, preset: str | None, b
     lines = [
         f"# {model_id}",
         "",
-        f"SeMask-FPN ({swin_size_name(config)}) semantic segmentation model for Hugging Face Transformers, from "
+        f"{architecture_name(config)} ({swin_size_name(config)}) semantic segmentation model for Hugging Face "
+        "Transformers, from "
         f"[SeMask: Semantically Masked Transformers for Semantic Segmentation]({PAPER_URL}) (Jain et al.).",
     ]
     if preset:
@@ -407,9 +471,13 @@ def _license_section(preset: str | None) -> str:
     return text
 
 
-def _saved_or_default_processor(save_directory: Path, dataset_key: str | None) -> SemaskImageProcessor:
+def _saved_or_default_processor(
+    save_directory: Path, dataset_key: str | None, config: PreTrainedConfig
+) -> SemaskImageProcessor:
     if (save_directory / "preprocessor_config.json").is_file():
         return SemaskImageProcessor.from_pretrained(save_directory)
+    if is_mask2former(config):
+        return SemaskImageProcessor(**MASK2FORMER_PROCESSING[dataset_key or "ade20k"])
     return SemaskImageProcessor.from_dataset(dataset_key) if dataset_key else SemaskImageProcessor()
 
 

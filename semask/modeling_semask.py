@@ -469,6 +469,20 @@ class SemaskFPNHead(nn.Module):
         return logits, semantic_logits
 
 
+def check_label_maps(labels: torch.Tensor, batch_size: int, num_labels: int, ignore_index: int) -> None:
+    """Raise a ValueError unless labels are (batch_size, H, W) integers in [0, num_labels) or `ignore_index`."""
+    if labels.ndim != 3 or labels.shape[0] != batch_size or labels.is_floating_point():
+        raise ValueError(
+            f"Expected integer labels of shape ({batch_size}, height, width), got {labels.dtype} {tuple(labels.shape)}."
+        )
+    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
+    if invalid.any():
+        values = labels[invalid].unique()[:10].tolist()
+        raise ValueError(
+            f"Labels must lie in [0, {num_labels}) or equal the ignore index {ignore_index}; found {values}."
+        )
+
+
 class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
     """SeMask-Swin with the semantic-FPN head (the original SeMask-FPN)."""
 
@@ -511,19 +525,7 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
 
     def check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
         """Raise a ValueError unless labels are (batch_size, H, W) integers in the label set or the ignore index."""
-        if labels.ndim != 3 or labels.shape[0] != batch_size or labels.is_floating_point():
-            raise ValueError(
-                f"Expected integer labels of shape ({batch_size}, height, width), "
-                f"got {labels.dtype} {tuple(labels.shape)}."
-            )
-        ignore_index = self.config.semantic_loss_ignore_index
-        invalid = (labels != ignore_index) & ((labels < 0) | (labels >= self.config.num_labels))
-        if invalid.any():
-            values = labels[invalid].unique()[:10].tolist()
-            raise ValueError(
-                f"Labels must lie in [0, {self.config.num_labels}) or equal the ignore index {ignore_index}; "
-                f"found {values}."
-            )
+        check_label_maps(labels, batch_size, self.config.num_labels, self.config.semantic_loss_ignore_index)
 
     def losses(
         self, logits: torch.Tensor, semantic_logits: torch.Tensor | None, labels: torch.Tensor

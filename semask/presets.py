@@ -399,3 +399,55 @@ def fpn_preset(name: str) -> dict:
 
 
 PRESET_NAMES = tuple(f"semask-{size}-fpn-{dataset}" for dataset in DATASET_LABELS for size in SWIN_SIZES)
+
+
+def mask2former_semantic_attention(num_labels: int, num_stages: int = 4) -> tuple[str, ...]:
+    """The original SeMask-Mask2Former rule for each stage's semantic attention kind.
+
+    With exactly 150 classes (ADE20K) only the last stage is global; with any other class count every stage is
+    windowed.
+    """
+    if num_labels == 150:
+        return ("windowed",) * (num_stages - 1) + ("global",)
+    return ("windowed",) * num_stages
+
+
+# The released SeMask-Mask2Former models (Swin-L, ImageNet-22k 384 pre-training): their original configs
+# (`SeMask-Mask2Former/configs/*/semantic-segmentation/semask_swin/*`). The Cityscapes config keeps the default
+# semantic window (7) while its Swin window is 12.
+MASK2FORMER_SEMANTIC_WINDOW = {"ade20k": 12, "cityscapes": 7}
+# The original (detectron2) test pipelines: shortest side to MIN_SIZE_TEST, longest side at most MAX_SIZE_TEST.
+MASK2FORMER_PROCESSING = {
+    "ade20k": {"size": {"shortest_edge": 640, "longest_edge": 2560}, "do_reduce_labels": True},
+    "cityscapes": {"size": {"shortest_edge": 1024, "longest_edge": 2048}, "do_reduce_labels": False},
+}
+MASK2FORMER_PRESET_NAMES = tuple(f"semask-large-mask2former-{dataset}" for dataset in MASK2FORMER_SEMANTIC_WINDOW)
+
+
+def mask2former_preset_dataset(name: str) -> str:
+    """The dataset key of a released SeMask-Mask2Former preset, e.g. "ade20k"."""
+    if name not in MASK2FORMER_PRESET_NAMES:
+        raise ValueError(
+            f"Unknown SeMask-Mask2Former preset {name!r}; expected one of: {', '.join(MASK2FORMER_PRESET_NAMES)}."
+        )
+    return name.rsplit("-", 1)[1]
+
+
+def mask2former_preset(name: str) -> dict:
+    """Keyword arguments of `SemaskMask2FormerConfig` for a released model, e.g. ``"semask-large-mask2former-ade20k"``.
+
+    The Mask2Former settings are `Mask2FormerConfig`'s defaults, which equal the original configs (256 channels,
+    100 queries, 6 deformable encoder layers with a 1024-wide FFN, DEC_LAYERS 10, loss weights 2 / 5 / 5).
+    """
+    dataset = mask2former_preset_dataset(name)
+    swin = SWIN_SIZES["large"]
+    id2label = dict(enumerate(DATASET_LABELS[dataset]))
+    backbone = {
+        **swin,
+        "image_size": 384,
+        "semantic_window_size": MASK2FORMER_SEMANTIC_WINDOW[dataset],
+        "semantic_attention": mask2former_semantic_attention(len(id2label), len(swin["depths"])),
+        "drop_path_rate": 0.3,
+        "id2label": id2label,
+    }
+    return {"backbone_config": backbone, "id2label": id2label}

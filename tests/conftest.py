@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("SEMASK_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 FPN_FIXTURES = FIXTURES / "original_semask_fpn"
 FPN_FIXTURE_NAMES = ("tiny-windowed", "tiny-globalsem")
+MASK2FORMER_FIXTURES = FIXTURES / "original_semask_mask2former"
 
 
 def pytest_configure(config):
@@ -19,8 +20,17 @@ def pytest_configure(config):
 
 
 def fpn_fixture_dir(name: str) -> Path:
+    """An original SeMask-FPN fixture folder (see `fixture_dir`)."""
+    return fixture_dir(FPN_FIXTURES / name)
+
+
+def mask2former_fixture_dir(name: str) -> Path:
+    """An original SeMask-Mask2Former fixture folder (see `fixture_dir`)."""
+    return fixture_dir(MASK2FORMER_FIXTURES / name)
+
+
+def fixture_dir(folder: Path) -> Path:
     """The fixture folder; skipped when absent, but a failure under CI (CI=true), where it must exist."""
-    folder = FPN_FIXTURES / name
     if not (folder / "io.safetensors").is_file():
         message = f"original SeMask fixtures not found at {folder} (set SEMASK_FIXTURES to their folder)"
         if os.environ.get("CI", "").lower() == "true":
@@ -41,6 +51,26 @@ def tiny_config_kwargs(**overrides) -> dict:
         "decoder_hidden_size": 16,
         "semantic_attention": ("windowed", "windowed", "global", "global"),
         "id2label": {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"},
+        **overrides,
+    }
+
+
+def tiny_mask2former_config_kwargs(**overrides) -> dict:
+    """A SeMask-Mask2Former small enough for CPU tests (the encoder of `tiny_config_kwargs`, 32-wide decoders)."""
+    encoder = {key: value for key, value in tiny_config_kwargs().items() if key != "decoder_hidden_size"}
+    return {
+        "backbone_config": encoder,
+        "id2label": encoder["id2label"],
+        "feature_size": 32,
+        "mask_feature_size": 32,
+        "hidden_dim": 32,
+        "num_attention_heads": 4,
+        "encoder_layers": 1,
+        "encoder_feedforward_dim": 32,
+        "decoder_layers": 3,
+        "dim_feedforward": 32,
+        "num_queries": 6,
+        "train_num_points": 64,
         **overrides,
     }
 

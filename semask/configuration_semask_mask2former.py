@@ -1,0 +1,107 @@
+"""Configuration of SeMask-Mask2Former: the SeMask-Swin encoder with transformers' Mask2Former heads."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import Mask2FormerConfig
+
+from .configuration_semask import SemaskConfig
+from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
+
+
+@strict
+class SemaskMask2FormerConfig(Mask2FormerConfig):
+    r"""
+    Configuration of SeMask-Mask2Former (Jain et al., "SeMask: Semantically Masked Transformers for Semantic
+    Segmentation"): a SeMask-Swin encoder (`backbone_config`, a [`SemaskConfig`]) feeding transformers' Mask2Former
+    pixel decoder and masked-attention transformer decoder, plus the parameter-free semantic head on the encoder's
+    semantic priors. Use [`SemaskMask2FormerConfig.from_preset`] for the released models.
+
+    Every [`Mask2FormerConfig`] argument keeps its meaning; their defaults equal the released SeMask-L models' original
+    settings. In the original (detectron2) config's terms: `feature_size` = SEM_SEG_HEAD.CONVS_DIM,
+    `mask_feature_size` = MASK_DIM, `encoder_layers` = TRANSFORMER_ENC_LAYERS, `encoder_feedforward_dim` = the pixel
+    decoder's FFN width (hard-coded to 1024 in the original), `decoder_layers` = MASK_FORMER.DEC_LAYERS (one
+    prediction from the learnable queries plus `decoder_layers - 1` decoder layers), `hidden_dim`, `num_queries`,
+    `num_attention_heads` (NHEADS), `dim_feedforward`, `pre_norm`, `enforce_input_projection`, the loss weights and the
+    point-sampling settings as named.
+
+    backbone_config (`SemaskConfig` or `dict`, *optional*):
+        The SeMask-Swin encoder. Its label set is always this config's (the semantic layers predict the same classes
+        as the decoder); without one, a default SeMask-T with the original's semantic-attention rule is used
+        (`semask.presets.mask2former_semantic_attention`).
+    semantic_loss_weight (`float`, *optional*, defaults to 0.4):
+        Weight of the semantic head's cross-entropy (the original CATE_WEIGHT), added to the Mask2Former losses.
+    size_divisibility (`int`, *optional*, defaults to 32):
+        Images are padded (bottom / right, with 0) to a multiple of this before the encoder, as the original
+        meta-architecture does; predictions keep the padded size, and label maps are padded with `ignore_value`.
+    """
+
+    model_type = "semask_mask2former"
+    sub_configs_defaults = {"backbone_config": SemaskConfig}
+    backbones_supported = ["semask"]
+    preset_names = MASK2FORMER_PRESET_NAMES
+
+    semantic_loss_weight: float | int = 0.4
+    size_divisibility: int = 32
+
+    def __post_init__(self, **kwargs):
+        # Built here rather than by `Mask2FormerConfig`, which resolves backbone dicts through transformers' own
+        # config mapping (that does not know "semask" in a remote-code process).
+        default_backbone = self.backbone_config is None
+        if isinstance(self.backbone_config, dict):
+            self.backbone_config = SemaskConfig.from_dict(self.backbone_config)
+        elif default_backbone:
+            self.backbone_config = SemaskConfig()
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = self.backbone_config.id2label
+        super().__post_init__(**kwargs)
+        self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
+        if default_backbone:
+            self.backbone_config.semantic_attention = mask2former_semantic_attention(
+                self.num_labels, self.backbone_config.num_layers
+            )
+
+    @property
+    def has_semantic_layers(self) -> bool:
+        """Whether the encoder's stages end with semantic layers (whose priors feed the semantic head)."""
+        return self.backbone_config.has_semantic_layers
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # The encoder's semantic layers always predict this config's classes, however the labels are set
+        # (e.g. `from_pretrained(..., id2label=...)` assigns them after `__post_init__`).
+        if name in ("id2label", "label2id") and isinstance(getattr(self, "backbone_config", None), SemaskConfig):
+            setattr(self.backbone_config, name, None if value is None else dict(value))
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        backbone = self.backbone_config
+        if backbone.num_labels != self.num_labels:
+            raise ValueError(
+                f"The encoder's semantic layers predict {backbone.num_labels} classes but the decoder "
+                f"{self.num_labels}; both use this config's label set."
+            )
+        strides = [backbone.patch_size * 2**index for index in range(backbone.num_layers)]
+        if list(self.feature_strides) != strides or len(strides) != 4:
+            raise ValueError(
+                f"Mask2Former's pixel decoder needs 4 encoder stages with `feature_strides` {strides} (patch size "
+                f"{backbone.patch_size}); got {backbone.num_layers} stages and feature_strides "
+                f"{list(self.feature_strides)}."
+            )
+        if self.size_divisibility % backbone.patch_size:
+            raise ValueError(
+                f"`size_divisibility` ({self.size_divisibility}) must be a multiple of the patch size "
+                f"({backbone.patch_size}), so that predictions are exactly {backbone.patch_size} times smaller."
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SemaskMask2FormerConfig":
+        """The configuration of a released SeMask-Mask2Former model, e.g. ``"semask-large-mask2former-ade20k"``.
+
+        Available names are in `SemaskMask2FormerConfig.preset_names`; keyword arguments override preset values
+        (`backbone_config` overrides are merged into the preset's encoder settings).
+        """
+        preset = mask2former_preset(name)
+        backbone = {**preset.pop("backbone_config"), **overrides.pop("backbone_config", {})}
+        return cls(**{**preset, **overrides, "backbone_config": backbone})
+
+
+__all__ = ["SemaskMask2FormerConfig"]

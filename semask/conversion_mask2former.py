@@ -1,0 +1,185 @@
+"""Conversion of original SeMask-Mask2Former (detectron2) checkpoints to `SemaskMask2FormerForUniversalSegmentation`.
+
+Used by `semask.conversion` (and so `semask-convert`), which recognises these checkpoints by their `sem_seg_head.*`
+keys. The encoder's keys are renamed as for SeMask-FPN; the pixel decoder, transformer decoder and class predictor
+take transformers' Mask2Former names, and the decoder self-attention's fused `in_proj` is split into q / k / v.
+
+The weights fix the encoder, the class count, the pixel decoder (width, layers, FFN width, heads, FPN levels), the
+transformer decoder (width, queries, layers, FFN width) and the no-object weight. The rest comes from the preset, the
+overrides or the original's defaults: semantic window 7, the Mask2Former semantic-attention rule
+(`semask.presets.mask2former_semantic_attention`), post-norm, and the loss settings of `Mask2FormerConfig`.
+"""
+
+import re
+from dataclasses import fields
+
+import torch
+
+from .configuration_semask import SemaskConfig
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
+from .conversion import (
+    CheckpointMismatchError,
+    _indices,
+    _require,
+    check_label_count,
+    check_state_dict,
+    convert_state_dict,
+    infer_encoder_kwargs,
+    raise_on_contradictions,
+)
+from .modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
+
+ENCODER_PREFIX = "model.pixel_level_module.encoder."
+PIXEL_DECODER = "model.pixel_level_module.decoder."
+TRANSFORMER = "model.transformer_module."
+# Layer parts: original name -> transformers' Mask2Former name.
+PIXEL_DECODER_LAYER_PARTS = {
+    "norm1": "self_attn_layer_norm",
+    "linear1": "fc1",
+    "linear2": "fc2",
+    "norm2": "final_layer_norm",
+}
+DECODER_LAYER_PARTS = {
+    "transformer_self_attention_layers": {"self_attn": "self_attn", "norm": "self_attn_layer_norm"},
+    "transformer_cross_attention_layers": {"multihead_attn": "cross_attn", "norm": "cross_attn_layer_norm"},
+    "transformer_ffn_layers": {"linear1": "fc1", "linear2": "fc2", "norm": "final_layer_norm"},
+}
+# (original key pattern, semask key template); the first matching pattern renames a key, unknown names pass unchanged.
+HEAD_KEY_RENAMES = [
+    (
+        r"sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.(\d+)\.(\w+)\.",
+        lambda m: f"{PIXEL_DECODER}encoder.layers.{m[1]}.{PIXEL_DECODER_LAYER_PARTS.get(m[2], m[2])}.",
+    ),
+    (r"sem_seg_head\.pixel_decoder\.transformer\.level_embed$", PIXEL_DECODER + "level_embed"),
+    (r"sem_seg_head\.pixel_decoder\.input_proj\.", PIXEL_DECODER + "input_projections."),
+    (r"sem_seg_head\.pixel_decoder\.mask_features\.", PIXEL_DECODER + "mask_projection."),
+    (r"sem_seg_head\.pixel_decoder\.(adapter|layer)_(\d+)\.weight$", PIXEL_DECODER + r"\1_\2.0.weight"),
+    (r"sem_seg_head\.pixel_decoder\.(adapter|layer)_(\d+)\.norm\.", PIXEL_DECODER + r"\1_\2.1."),
+    (
+        r"sem_seg_head\.predictor\.(transformer_\w+_layers)\.(\d+)\.(\w+)\.",
+        lambda m: f"{TRANSFORMER}decoder.layers.{m[2]}.{DECODER_LAYER_PARTS.get(m[1], {}).get(m[3], m[3])}.",
+    ),
+    (r"sem_seg_head\.predictor\.decoder_norm\.", TRANSFORMER + "decoder.layernorm."),
+    (r"sem_seg_head\.predictor\.query_feat\.", TRANSFORMER + "queries_features."),
+    (r"sem_seg_head\.predictor\.query_embed\.", TRANSFORMER + "queries_embedder."),
+    (r"sem_seg_head\.predictor\.level_embed\.", TRANSFORMER + "level_embed."),
+    (r"sem_seg_head\.predictor\.input_proj\.", TRANSFORMER + "input_projections."),
+    (r"sem_seg_head\.predictor\.class_embed\.", "class_predictor."),
+    (
+        r"sem_seg_head\.predictor\.mask_embed\.layers\.(\d+)\.",
+        TRANSFORMER + r"decoder.mask_predictor.mask_embedder.\1.0.",
+    ),
+]
+SELF_ATTENTION_IN_PROJ = re.compile(r"(.*\.self_attn)\.in_proj_(weight|bias)$")
+NO_OBJECT_WEIGHT_KEY = "criterion.empty_weight"
+# `MSDeformAttnPixelDecoder`'s deformable attention: 3 feature levels, 4 sampling points (fixed in both codes).
+DEFORMABLE_LEVELS, DEFORMABLE_POINTS = 3, 4
+ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
+    field.name for field in fields(SemaskMask2FormerConfig)
+}
+
+
+def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The `SemaskMask2FormerConfig` arguments that the original `sem_seg_head.*` / `criterion.*` weights determine."""
+    decoder, predictor = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+    mask_features = _require(state_dict, decoder + "mask_features.weight")
+    sampling_offsets = _require(state_dict, decoder + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight")
+    queries = _require(state_dict, predictor + "query_feat.weight")
+    classifier = _require(state_dict, predictor + "class_embed.weight")
+    num_fpn_levels = len(_indices(state_dict, rf"{re.escape(decoder)}adapter_(\d+)\."))
+    kwargs = {
+        "feature_size": mask_features.shape[1],
+        "mask_feature_size": mask_features.shape[0],
+        "encoder_layers": len(_indices(state_dict, rf"{re.escape(decoder)}transformer\.encoder\.layers\.(\d+)\.")),
+        "encoder_feedforward_dim": _require(state_dict, decoder + "transformer.encoder.layers.0.linear1.weight").shape[
+            0
+        ],
+        "num_attention_heads": sampling_offsets.shape[0] // (DEFORMABLE_LEVELS * DEFORMABLE_POINTS * 2),
+        "common_stride": 8 // 2**num_fpn_levels,
+        "hidden_dim": queries.shape[1],
+        "num_queries": queries.shape[0],
+        "decoder_layers": len(_indices(state_dict, rf"{re.escape(predictor)}transformer_ffn_layers\.(\d+)\.")) + 1,
+        "dim_feedforward": _require(state_dict, predictor + "transformer_ffn_layers.0.linear1.weight").shape[0],
+        "enforce_input_projection": predictor + "input_proj.0.weight" in state_dict,
+        "num_labels": classifier.shape[0] - 1,
+    }
+    if NO_OBJECT_WEIGHT_KEY in state_dict:
+        kwargs["no_object_weight"] = float(f"{state_dict[NO_OBJECT_WEIGHT_KEY][-1].item():.7g}")  # float32 -> decimal
+    return kwargs
+
+
+def config_from_original(
+    state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
+) -> SemaskMask2FormerConfig:
+    """A `SemaskMask2FormerConfig` for an original checkpoint: inferred from the weights, then the preset (e.g.
+    ``"semask-large-mask2former-ade20k"``), then `overrides` (encoder settings such as `semantic_attention` or
+    `semantic_window_size` go to the encoder). A preset or override that contradicts the weights raises
+    `CheckpointMismatchError`."""
+    if preset is not None and preset not in MASK2FORMER_PRESET_NAMES:
+        raise CheckpointMismatchError(
+            f"{preset} is not a SeMask-Mask2Former preset, but this is a SeMask-Mask2Former checkpoint; use one of "
+            f"{', '.join(MASK2FORMER_PRESET_NAMES)}."
+        )
+    head = infer_head_kwargs(state_dict)
+    num_labels = head.pop("num_labels")
+    check_label_count(state_dict, num_labels, "class predictor")
+    encoder = infer_encoder_kwargs(state_dict)
+    chosen = mask2former_preset(preset) if preset else {}
+    chosen_encoder = chosen.pop("backbone_config", {})
+    for key in set(overrides) & ENCODER_SETTINGS:
+        chosen_encoder[key] = overrides.pop(key)
+    chosen.update(overrides)
+    raise_on_contradictions(chosen, head, num_labels)
+    raise_on_contradictions(chosen_encoder, encoder, num_labels)
+    id2label = chosen.pop("id2label", {index: f"LABEL_{index}" for index in range(num_labels)})
+    backbone = {
+        "semantic_window_size": 7,
+        "semantic_attention": mask2former_semantic_attention(num_labels, len(encoder["depths"])),
+        **chosen_encoder,
+        **encoder,
+    }
+    return SemaskMask2FormerConfig(**{**chosen, **head, "backbone_config": backbone, "id2label": id2label})
+
+
+def convert_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename original keys to semask keys; split the decoder self-attention's fused `in_proj` into q / k / v."""
+    backbone = {key: value for key, value in state_dict.items() if key.startswith("backbone.")}
+    converted = {
+        ENCODER_PREFIX + key.removeprefix("semask."): value for key, value in convert_state_dict(backbone).items()
+    }
+    for key, value in state_dict.items():
+        if key in backbone:
+            continue
+        key = _rename(key)
+        if in_proj := SELF_ATTENTION_IN_PROJ.match(key):
+            prefix, kind = in_proj.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                converted[f"{prefix}.{name}.{kind}"] = part.clone()
+        else:
+            converted[key] = value
+    return converted
+
+
+def _rename(key: str) -> str:
+    for pattern, replacement in HEAD_KEY_RENAMES:
+        renamed, count = re.subn("^" + pattern, replacement, key)
+        if count:
+            return renamed
+    return key
+
+
+def convert_mask2former_checkpoint(
+    state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
+) -> SemaskMask2FormerForUniversalSegmentation:
+    """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict."""
+    config = config_from_original(state_dict, preset, **overrides)
+    converted = convert_mask2former_state_dict(state_dict)
+    model = SemaskMask2FormerForUniversalSegmentation(config)
+    # The loss buffer follows `no_object_weight` (inferred from it); without scipy the model has no loss module.
+    converted.pop(NO_OBJECT_WEIGHT_KEY, None)
+    if model.criterion is not None:
+        converted[NO_OBJECT_WEIGHT_KEY] = model.criterion.empty_weight
+    check_state_dict(converted, model)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()

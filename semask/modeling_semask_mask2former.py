@@ -1,0 +1,368 @@
+"""PyTorch SeMask-Mask2Former: the SeMask-Swin encoder feeding transformers' Mask2Former.
+
+The pixel decoder (multi-scale deformable attention), the masked-attention transformer decoder, the class predictor
+and the Hungarian-matching losses are transformers' own Mask2Former modules. This file adds the SeMask encoder, the
+original's image padding, the parameter-free semantic head on the encoder's semantic priors and its loss.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerForUniversalSegmentationOutput,
+    Mask2FormerLoss,
+    Mask2FormerModelOutput,
+    Mask2FormerPixelDecoder,
+    Mask2FormerPixelLevelModuleOutput,
+    Mask2FormerPreTrainedModel,
+    Mask2FormerTransformerModule,
+)
+from transformers.utils import is_scipy_available
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
+from .modeling_semask import SemaskModel, check_label_maps
+
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_semask_mask2former.SemaskMask2FormerConfig",
+    "AutoModel": "modeling_semask_mask2former.SemaskMask2FormerModel",
+    "AutoModelForUniversalSegmentation": "modeling_semask_mask2former.SemaskMask2FormerForUniversalSegmentation",
+    # pipeline("image-segmentation") loads remote code through this Auto class
+    "AutoModelForSemanticSegmentation": "modeling_semask_mask2former.SemaskMask2FormerForUniversalSegmentation",
+}
+SCIPY_HINT = (
+    "Computing the SeMask-Mask2Former loss needs scipy (the Hungarian matching of transformers' Mask2FormerLoss): "
+    "install it with `pip install scipy`. Inference works without it."
+)
+
+
+@dataclass
+class SemaskMask2FormerPixelLevelModuleOutput(Mask2FormerPixelLevelModuleOutput):
+    r"""
+    semantic_priors (`tuple(torch.FloatTensor)`):
+        The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
+    """
+
+    semantic_priors: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SemaskMask2FormerModelOutput(Mask2FormerModelOutput):
+    r"""
+    As [`Mask2FormerModelOutput`] (`transformer_decoder_intermediate_states` is always returned), plus:
+
+    semantic_priors (`tuple(torch.FloatTensor)`):
+        The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
+    """
+
+    semantic_priors: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SemaskMask2FormerForUniversalSegmentationOutput(Mask2FormerForUniversalSegmentationOutput):
+    r"""
+    As [`Mask2FormerForUniversalSegmentationOutput`] (predictions refer to the padded input, see
+    `config.size_divisibility`), plus:
+
+    semantic_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, padded_height, padded_width)`):
+        The semantic head's class scores at the padded input size.
+    semantic_priors (`tuple(torch.FloatTensor)`):
+        The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
+    """
+
+    semantic_logits: torch.FloatTensor | None = None
+    semantic_priors: tuple[torch.FloatTensor, ...] | None = None
+
+
+def pad_to_multiple(tensor: torch.Tensor, divisor: int, value: float = 0) -> torch.Tensor:
+    """Pad the last two dimensions on the bottom / right to multiples of `divisor`."""
+    height, width = tensor.shape[-2:]
+    return F.pad(tensor, (0, -width % divisor, 0, -height % divisor), value=value)
+
+
+def semantic_head(semantic_priors: tuple[torch.Tensor, ...], stride: int) -> torch.Tensor:
+    """The original parameter-free `SemanticHead`: class scores at the input resolution from the priors.
+
+    Stage i's prior map is upsampled x2 i times and added to stage 1's map (resized to it where odd sizes make them
+    differ); the sum is upsampled by `stride` (stage 1's). Every resize is bilinear with `align_corners=True`.
+    """
+    upsample = functools.partial(F.interpolate, mode="bilinear", align_corners=True)
+    logits = semantic_priors[0]
+    for index, prior in enumerate(semantic_priors[1:], start=1):
+        for _ in range(index):
+            prior = upsample(prior, scale_factor=2)
+        logits = logits + upsample(prior, size=logits.shape[-2:])
+    return upsample(logits, size=(logits.shape[-2] * stride, logits.shape[-1] * stride))
+
+
+def mask_classification_targets(
+    labels: torch.Tensor, ignore_index: int = 255
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Mask2Former targets from semantic label maps (B, H, W), as the original dataset mapper builds them.
+
+    Returns `mask_labels` (per image, one float binary mask (H, W) per class present) and `class_labels` (per image,
+    those classes in ascending order); `ignore_index` pixels belong to no mask.
+    """
+    mask_labels, class_labels = [], []
+    for label_map in labels:
+        classes = label_map.unique()
+        classes = classes[classes != ignore_index]
+        mask_labels.append((label_map[None] == classes[:, None, None]).float())
+        class_labels.append(classes)
+    return mask_labels, class_labels
+
+
+class SemaskMask2FormerPixelLevelModule(nn.Module):
+    """The SeMask-Swin encoder and transformers' Mask2Former pixel decoder; also returns the semantic priors."""
+
+    def __init__(self, config: SemaskMask2FormerConfig):
+        super().__init__()
+        backbone = config.backbone_config
+        self.encoder = SemaskModel(backbone)
+        channels = [backbone.embed_dim * 2**index for index in range(backbone.num_layers)]
+        self.decoder = Mask2FormerPixelDecoder(config, feature_channels=channels)
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> SemaskMask2FormerPixelLevelModuleOutput:
+        encoder_outputs = self.encoder(pixel_values)
+        feature_maps = encoder_outputs.feature_maps
+        decoder_outputs = self.decoder(feature_maps, output_hidden_states=output_hidden_states)
+        return SemaskMask2FormerPixelLevelModuleOutput(
+            encoder_last_hidden_state=feature_maps[-1],
+            encoder_hidden_states=feature_maps if output_hidden_states else None,
+            decoder_last_hidden_state=decoder_outputs.mask_features,
+            decoder_hidden_states=decoder_outputs.multi_scale_features,
+            semantic_priors=encoder_outputs.semantic_priors,
+        )
+
+
+class SemaskMask2FormerPreTrainedModel(Mask2FormerPreTrainedModel):
+    config: SemaskMask2FormerConfig
+    # The Mask2Former modules do not use the attention implementation; the SeMask encoder runs "eager" or "sdpa".
+    _supports_sdpa = True
+    supports_gradient_checkpointing = True
+    _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"criterion\.empty_weight"]
+
+    def post_init(self):
+        # Saved folders name every class, so one folder serves all Auto classes with trust_remote_code.
+        self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        super().post_init()
+
+
+class SemaskMask2FormerModel(SemaskMask2FormerPreTrainedModel):
+    """SeMask-Swin encoder, Mask2Former pixel decoder and transformer decoder: mask predictions and decoder states."""
+
+    def __init__(self, config: SemaskMask2FormerConfig):
+        super().__init__(config)
+        self.pixel_level_module = SemaskMask2FormerPixelLevelModule(config)
+        self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> SemaskMask2FormerModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images of any size; they are padded to a multiple of `config.size_divisibility`.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        pixel_values = pad_to_multiple(pixel_values, self.config.size_divisibility)
+        pixel_level = self.pixel_level_module(pixel_values, output_hidden_states=output_hidden_states)
+        transformer = self.transformer_module(
+            multi_scale_features=pixel_level.decoder_hidden_states,
+            mask_features=pixel_level.decoder_last_hidden_state,
+            output_hidden_states=True,
+            output_attentions=output_attentions or self.config.output_attentions,
+        )
+        return SemaskMask2FormerModelOutput(
+            encoder_last_hidden_state=pixel_level.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=pixel_level.decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=transformer.last_hidden_state,
+            encoder_hidden_states=pixel_level.encoder_hidden_states,
+            pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
+            transformer_decoder_hidden_states=transformer.hidden_states if output_hidden_states else None,
+            transformer_decoder_intermediate_states=transformer.intermediate_hidden_states,
+            masks_queries_logits=transformer.masks_queries_logits,
+            attentions=transformer.attentions,
+            semantic_priors=pixel_level.semantic_priors,
+        )
+
+
+class SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerPreTrainedModel, Mask2FormerForUniversalSegmentation):
+    """SeMask-Mask2Former: Mask2Former's class and mask predictions, the semantic head and all training losses.
+
+    Semantic segmentation: `SemaskImageProcessor.post_process_semantic_segmentation` or `semask.inference`.
+    """
+
+    # Trainer must not pass `num_items_in_batch`: the losses normalise themselves.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SemaskMask2FormerConfig):
+        Mask2FormerPreTrainedModel.__init__(self, config)  # Mask2FormerForUniversalSegmentation's would build a Swin
+        self.model = SemaskMask2FormerModel(config)
+        self.weight_dict = {
+            "loss_cross_entropy": config.class_weight,
+            "loss_mask": config.mask_weight,
+            "loss_dice": config.dice_weight,
+        }
+        self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+        # Only training needs the loss, and its Hungarian matcher needs scipy.
+        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict) if is_scipy_available() else None
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_auxiliary_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> SemaskMask2FormerForUniversalSegmentationOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images of any size; they are padded to a multiple of `config.size_divisibility`.
+        mask_labels (`list[torch.Tensor]`, *optional*):
+            Per image, binary masks `(num_targets, height, width)` (Mask2Former's targets). Built from `labels` when
+            not given (`mask_classification_targets`).
+        class_labels (`list[torch.LongTensor]`, *optional*):
+            Per image, the class of each mask in `mask_labels`, `(num_targets,)`.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Semantic label maps with values in `[0, num_labels)` or `config.ignore_value`: the targets of the
+            semantic head's loss and, unless `mask_labels` are given, of the Mask2Former losses.
+        output_auxiliary_logits (`bool`, *optional*):
+            Return the class and mask predictions of every decoder layer in `auxiliary_logits`.
+        """
+        self._check_targets(pixel_values, mask_labels, class_labels, labels)
+        outputs = self.model(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        class_queries_logits = tuple(
+            self.class_predictor(states.transpose(0, 1)) for states in outputs.transformer_decoder_intermediate_states
+        )
+        masks_queries_logits = outputs.masks_queries_logits
+        auxiliary_logits = self.get_auxiliary_logits(class_queries_logits, masks_queries_logits)
+        semantic_logits = None
+        if outputs.semantic_priors is not None:
+            semantic_logits = semantic_head(outputs.semantic_priors, stride=self.config.feature_strides[0])
+
+        loss = None
+        if labels is not None or mask_labels is not None:
+            loss_dict = self.loss_terms(
+                masks_queries_logits[-1],
+                class_queries_logits[-1],
+                auxiliary_logits if self.config.use_auxiliary_loss else [],
+                semantic_logits,
+                mask_labels=mask_labels,
+                class_labels=class_labels,
+                labels=labels,
+            )
+            loss = self.get_loss(loss_dict)
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = self.config.output_auxiliary_logits
+        return SemaskMask2FormerForUniversalSegmentationOutput(
+            loss=loss,
+            class_queries_logits=class_queries_logits[-1],
+            masks_queries_logits=masks_queries_logits[-1],
+            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
+            transformer_decoder_hidden_states=outputs.transformer_decoder_hidden_states,
+            attentions=outputs.attentions,
+            semantic_logits=semantic_logits,
+            semantic_priors=outputs.semantic_priors,
+        )
+
+    def loss_terms(
+        self,
+        masks_queries_logits: torch.Tensor,
+        class_queries_logits: torch.Tensor,
+        auxiliary_logits: list[dict[str, torch.Tensor]],
+        semantic_logits: torch.Tensor | None,
+        *,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The weighted loss terms: Mask2Former's for the final and each earlier prediction (`loss_cross_entropy`,
+        `loss_mask`, `loss_dice`, suffixed `_0`, `_1`, ... as transformers names them) and `loss_semantic` (the
+        original's `loss_cate`). Targets at the input size are padded as the images are (masks with 0, labels with
+        `ignore_value`); without `mask_labels`, they are built from `labels`."""
+        if self.criterion is None:
+            raise ImportError(SCIPY_HINT)
+        divisor, ignore_index = self.config.size_divisibility, self.config.ignore_value
+        if labels is not None:
+            labels = pad_to_multiple(labels, divisor, value=ignore_index)
+        if mask_labels is None:
+            mask_labels, class_labels = mask_classification_targets(labels, ignore_index)
+        else:
+            mask_labels = [pad_to_multiple(masks.float(), divisor) for masks in mask_labels]
+        loss_dict = self.get_loss_dict(
+            masks_queries_logits=masks_queries_logits,
+            class_queries_logits=class_queries_logits,
+            mask_labels=mask_labels,
+            class_labels=class_labels,
+            auxiliary_predictions=auxiliary_logits,
+        )
+        if labels is not None and semantic_logits is not None:
+            loss_dict["loss_semantic"] = self.config.semantic_loss_weight * self.semantic_loss(semantic_logits, labels)
+        return loss_dict
+
+    def semantic_loss(self, semantic_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the semantic head averaged over the non-ignored pixels (0 when every pixel is ignored)."""
+        ignore_index = self.config.ignore_value
+        loss = F.cross_entropy(semantic_logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+        return loss / (labels != ignore_index).sum().clamp(min=1)
+
+    def _check_targets(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None,
+        class_labels: list[torch.Tensor] | None,
+        labels: torch.Tensor | None,
+    ) -> None:
+        batch_size, _, height, width = pixel_values.shape
+        if labels is not None:
+            check_label_maps(labels, batch_size, self.config.num_labels, self.config.ignore_value)
+            if labels.shape[-2:] != (height, width):
+                raise ValueError(
+                    f"`labels` are {tuple(labels.shape[-2:])} but the images {height}x{width}; they must match."
+                )
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("Pass `mask_labels` and `class_labels` together (or neither, with `labels`).")
+        if mask_labels is not None:
+            if len(mask_labels) != batch_size or len(class_labels) != batch_size:
+                raise ValueError(
+                    f"Expected one `mask_labels` and one `class_labels` entry per image ({batch_size}), got "
+                    f"{len(mask_labels)} and {len(class_labels)}."
+                )
+            for masks, classes in zip(mask_labels, class_labels):
+                if masks.ndim != 3 or masks.shape[1:] != (height, width) or masks.shape[0] != len(classes):
+                    raise ValueError(
+                        f"Each `mask_labels` entry must be (num_targets, {height}, {width}) with one class per mask; "
+                        f"got masks {tuple(masks.shape)} for {len(classes)} classes."
+                    )
+
+
+__all__ = [
+    "SemaskMask2FormerForUniversalSegmentation",
+    "SemaskMask2FormerModel",
+    "SemaskMask2FormerPreTrainedModel",
+]
