@@ -34,6 +34,7 @@ INTERPOLATION_MODES = {
     PILImageResampling.BILINEAR: "bilinear",
     PILImageResampling.BICUBIC: "bicubic",
 }
+RESIZE_LIBRARIES = ("opencv", "pil")
 CV2_MODES = {PILImageResampling.NEAREST: 0, PILImageResampling.BILINEAR: 1, PILImageResampling.BICUBIC: 2}
 
 
@@ -44,10 +45,14 @@ class SemaskImageProcessorKwargs(ImagesKwargs, total=False):
     size_divisor (`int`, *optional*, defaults to `self.size_divisor`):
         Pad the bottom and right of every image (with 0 after normalisation) and label map (with 255) to a
         multiple of this number.
+    resize_library (`str`, *optional*, defaults to `self.resize_library`):
+        Whose resizing to reproduce: `"opencv"` (mmsegmentation/mmcv: SeMask-FPN) or `"pil"` (detectron2:
+        SeMask-Mask2Former, which resizes uint8 images with PIL, antialiased, and label maps with PIL's nearest).
     """
 
     do_reduce_labels: bool
     size_divisor: int | None
+    resize_library: str
 
 
 def rescaled_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
@@ -69,9 +74,10 @@ def output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
 
 
 def torch_resize(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """OpenCV's resize emulated in floating point (no antialiasing); uint8 results may differ by one grey level."""
+    """Resize in floating point without antialiasing (OpenCV's bilinear within one grey level; "nearest" is OpenCV's
+    nearest, "nearest-exact" PIL's)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    options = {} if mode == "nearest" else {"align_corners": False}
+    options = {} if mode.startswith("nearest") else {"align_corners": False}
     resized = F.interpolate(tensor, size=size, mode=mode, **options)[0].numpy()
     if image.dtype == np.uint8:
         return np.clip(np.floor(resized + 0.5), 0, 255).astype(np.uint8)
@@ -141,6 +147,7 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
     do_reduce_labels = True
     do_pad = False
     size_divisor = None
+    resize_library = "opencv"
 
     def __init__(self, **kwargs: Unpack[SemaskImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -178,14 +185,36 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         array = super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format)
         return as_rgb_uint_or_float(array) if do_convert_rgb else as_label_map(array)
 
-    def resize(self, image: np.ndarray, size: SizeDict, resample: PILImageResampling | None = None, **kwargs):
-        """Resize a (C, H, W) array as the original does: OpenCV when installed (bit-exact), else PyTorch."""
+    def resize(
+        self,
+        image: np.ndarray,
+        size: SizeDict,
+        resample: PILImageResampling | None = None,
+        resize_library: str | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Resize a (C, H, W) array as the original library does (see `resize_library`).
+
+        OpenCV is used when installed (bit-exact with mmcv), else PyTorch; PIL for uint8 images in "pil" mode.
+        """
         resample = resample if resample is not None else self.resample
+        library = resize_library or self.resize_library
         if resample not in INTERPOLATION_MODES:
             raise ValueError(f"Unsupported resample {resample!r}; use one of {list(INTERPOLATION_MODES)}.")
+        if library not in RESIZE_LIBRARIES:
+            raise ValueError(f"Unknown resize_library {library!r}; expected one of {RESIZE_LIBRARIES}.")
         height, width = output_size(*image.shape[-2:], size)
         if (height, width) == image.shape[-2:]:
             return image
+        if library == "pil":
+            if image.dtype == np.uint8 and image.shape[0] in (1, 3, 4):
+                channels_last = image.transpose(1, 2, 0)
+                picture = Image.fromarray(channels_last[..., 0] if image.shape[0] == 1 else channels_last)
+                return (
+                    np.asarray(picture.resize((width, height), resample)).reshape(height, width, -1).transpose(2, 0, 1)
+                )
+            mode = "nearest-exact" if resample == PILImageResampling.NEAREST else INTERPOLATION_MODES[resample]
+            return torch_resize(image, (height, width), mode)
         if cv2 is not None and image.dtype in (np.uint8, np.float32) and image.shape[0] <= 4:
             resized = cv2.resize(image.transpose(1, 2, 0), (width, height), interpolation=CV2_MODES[resample])
             return resized.reshape(height, width, -1).transpose(2, 0, 1)
@@ -232,20 +261,20 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         do_pad: bool = False,
         size_divisor: int | None = None,
         pad_value: int = 0,
+        resize_library: str = "opencv",
         **kwargs,
     ) -> list[np.ndarray]:
-        processed = super()._preprocess(
-            images,
-            do_reduce_labels=do_reduce_labels,
-            resample=resample,
-            do_resize=do_resize,
-            do_rescale=do_rescale,
-            do_normalize=do_normalize,
-            size=size,
-            rescale_factor=rescale_factor,
-            image_mean=image_mean,
-            image_std=image_std,
-        )
+        processed = []
+        for image in images:
+            if do_reduce_labels:
+                image = self.reduce_label(image)
+            if do_resize:
+                image = self.resize(image, size, resample, resize_library=resize_library)
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            processed.append(image)
         processed = [image if image.dtype == np.int64 else image.astype(np.float32) for image in processed]
         if do_pad:
             target = padded_size(max(i.shape[-2] for i in processed), max(i.shape[-1] for i in processed), size_divisor)

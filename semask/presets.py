@@ -416,10 +416,15 @@ def mask2former_semantic_attention(num_labels: int, num_stages: int = 4) -> tupl
 # (`SeMask-Mask2Former/configs/*/semantic-segmentation/semask_swin/*`). The Cityscapes config keeps the default
 # semantic window (7) while its Swin window is 12.
 MASK2FORMER_SEMANTIC_WINDOW = {"ade20k": 12, "cityscapes": 7}
-# The original (detectron2) test pipelines: shortest side to MIN_SIZE_TEST, longest side at most MAX_SIZE_TEST.
+# The original (detectron2) test pipelines: shortest side to MIN_SIZE_TEST, longest side at most MAX_SIZE_TEST
+# (the same keep-ratio rule), resized with PIL as detectron2's ResizeTransform does.
 MASK2FORMER_PROCESSING = {
-    "ade20k": {"size": {"shortest_edge": 640, "longest_edge": 2560}, "do_reduce_labels": True},
-    "cityscapes": {"size": {"shortest_edge": 1024, "longest_edge": 2048}, "do_reduce_labels": False},
+    "ade20k": {"size": {"shortest_edge": 640, "longest_edge": 2560}, "do_reduce_labels": True, "resize_library": "pil"},
+    "cityscapes": {
+        "size": {"shortest_edge": 1024, "longest_edge": 2048},
+        "do_reduce_labels": False,
+        "resize_library": "pil",
+    },
 }
 MASK2FORMER_PRESET_NAMES = tuple(f"semask-large-mask2former-{dataset}" for dataset in MASK2FORMER_SEMANTIC_WINDOW)
 

@@ -154,3 +154,21 @@ def test_saved_processor_loads_with_auto_class_and_remote_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SemaskImageProcessor", "(1,", "3,", "683,", "2048)"]
+
+
+def test_pil_resizing_reproduces_detectron2():
+    """resize_library="pil" (SeMask-Mask2Former): PIL bilinear for images, PIL nearest for label maps."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (97, 211, 3), dtype=np.uint8)
+    label = rng.integers(0, 150, (97, 211), dtype=np.uint8)
+    new_h, new_w = mmcv_rescale_reference(97, 211, (2560, 640))
+    processor = SemaskImageProcessor(
+        size={"shortest_edge": 640, "longest_edge": 2560}, resize_library="pil", do_normalize=False
+    )
+    outputs = processor(image, segmentation_maps=label, do_reduce_labels=False, return_tensors="np")
+    expected_image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), np.float32)
+    expected_label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.NEAREST))
+    np.testing.assert_array_equal(outputs["pixel_values"][0].transpose(1, 2, 0), expected_image)
+    np.testing.assert_array_equal(outputs["labels"][0], expected_label)
+    with pytest.raises(ValueError, match="Unknown resize_library 'skimage'"):
+        SemaskImageProcessor(resize_library="skimage")(image)
