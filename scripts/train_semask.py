@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Fine-tune SeMask on a segmentation dataset with transformers' Trainer and the original training recipe.
+
+    python scripts/train_semask.py --dataset_name demo --output_dir semask-demo      # CPU demo, a few minutes
+    python scripts/train_semask.py --dataset_name ADEChallengeData2016 --model_name_or_path \\
+        microsoft/swin-tiny-patch4-window7-224 --output_dir semask-tiny-ade --max_steps 80000 --bf16 True
+    accelerate launch scripts/train_semask.py ...   # or torchrun --nproc_per_node N scripts/train_semask.py ...
+
+Arguments: `semask.training.ModelArguments` and `RecipeArguments`, `semask.data.DatasetArguments` and
+`transformers.TrainingArguments` (`--help` lists them all). Unless given on the command line, the original
+recipe's optimiser settings apply (lr 1e-4, weight decay 1e-4, 1500 warm-up steps), and `--dataset_name demo` also
+selects demo-sized settings (`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets
+the model, its image processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay
+PNGs of a few validation predictions (`predictions/`).
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+import semask  # noqa: F401  (registers SeMask with the Auto classes)
+from semask.cli import overlay_image
+from semask.data import DatasetArguments, load_segmentation_data, validate_segmentation_data
+from semask.image_processing_semask import SemaskImageProcessor
+from semask.inference import predict_probabilities
+from semask.metrics import compute_metrics_for_trainer
+from semask.modelcard import write_model_card
+from semask.palettes import palette_for_labels
+from semask.presets import DATASET_PROCESSING
+from semask.training import (
+    EvalTransform,
+    ModelArguments,
+    RecipeArguments,
+    SemaskTrainer,
+    TrainTransform,
+    initialise_model,
+    pad_collate,
+)
+
+matplotlib.use("Agg")
+from matplotlib import pyplot  # noqa: E402  (after choosing the non-interactive backend)
+
+logger = logging.getLogger("train_semask")
+
+ARGUMENT_CLASSES = (ModelArguments, DatasetArguments, RecipeArguments, TrainingArguments)
+# The original recipe's optimiser settings (SeMask-FPN ADE20K / COCO-Stuff configs) and sensible Trainer settings.
+RECIPE_DEFAULTS = {
+    "learning_rate": 1e-4,
+    "weight_decay": 1e-4,
+    "warmup_steps": 1500,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_steps": 50,
+}
+# `--dataset_name demo`: a tiny model trained for a few minutes on the CPU (where no GPU is available).
+DEMO_DEFAULTS = {
+    "preset": "tiny",
+    "image_scale": [512, 128],
+    "crop_size": [64],
+    "num_train_epochs": 16,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 40,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "use_cpu": not torch.cuda.is_available(),
+}
+NUM_PREDICTION_IMAGES = 4
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """The option names given in `argv` (dashes as underscores; `--no_x` counts as `x`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names |= {name, name.removeprefix("no_")}
+    return names
+
+
+def as_arguments(name: str, value) -> list[str]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [f"--{name}", *map(str, values)]
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, RecipeArguments, TrainingArguments]:
+    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS` (and `DEMO_DEFAULTS`)."""
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
+    given = explicit_options(argv)
+    if "output_dir" not in given and not {"help", "h"} & given and "-h" not in argv:
+        parser.error("--output_dir is required.")
+    data_parser = HfArgumentParser(DatasetArguments, allow_abbrev=False)
+    data_args = data_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    defaults = {**RECIPE_DEFAULTS, **(DEMO_DEFAULTS if data_args.dataset_name == "demo" else {})}
+    for name, value in defaults.items():
+        if name not in given:
+            argv = [*argv, *as_arguments(name, value)]
+    model_args, data_args, recipe, training_args = parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False
+    )
+    # Required by the data pipeline (the "image"/"label" columns feed set_transform) and the streaming metric.
+    training_args.remove_unused_columns = False
+    training_args.batch_eval_metrics = True
+    return model_args, data_args, recipe, training_args
+
+
+def build_image_processor(preset: str | None, reduce_labels: bool, recipe: RecipeArguments) -> SemaskImageProcessor:
+    """The test-time processor for the data: the preset's pipeline (or the default one), its scale and labels."""
+    settings = dict(DATASET_PROCESSING.get(preset, {}))
+    if recipe.image_scale:
+        settings["size"] = {"longest_edge": recipe.image_scale[0], "shortest_edge": recipe.image_scale[1]}
+    return SemaskImageProcessor(**{**settings, "do_reduce_labels": reduce_labels})
+
+
+def check_output_dir(training_args: TrainingArguments) -> None:
+    """Refuse to write into a non-empty folder unless resuming a run there (nothing the user had is replaced)."""
+    output_dir = Path(training_args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not training_args.resume_from_checkpoint:
+        raise SystemExit(
+            f"{output_dir} exists and is not empty: choose a new --output_dir, or pass --resume_from_checkpoint "
+            "to continue a run saved there."
+        )
+
+
+def plot_training_curves(log_history: list[dict], path: Path) -> None:
+    """Training / validation loss and validation mIoU against the step, side by side."""
+    figure, (loss_axes, miou_axes) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "training loss"), ("eval_loss", "validation loss")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            loss_axes.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=label)
+    loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
+    loss_axes.legend()
+    points = [(entry["step"], entry["eval_mean_iou"]) for entry in log_history if "eval_mean_iou" in entry]
+    if points:
+        miou_axes.plot(*zip(*points), marker="o")
+    miou_axes.set(xlabel="step", ylabel="mIoU", title="Validation mIoU", ylim=(0, 1))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def save_prediction_overlays(model, processor, dataset, id2label: dict[int, str], folder: Path) -> None:
+    """Segment the first validation images (whole-image inference) and save the predictions over them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = palette_for_labels(id2label)
+    model.eval()
+    for index in range(min(NUM_PREDICTION_IMAGES, len(dataset))):
+        image = dataset[index]["image"].convert("RGB")
+        label_map = predict_probabilities(model, processor, image).argmax(0).cpu().numpy()
+        overlay_image(image, label_map, palette, alpha=0.5).save(folder / f"validation_{index}_overlay.png")
+
+
+def training_summary(source: str, data_name: str, recipe: RecipeArguments, args: TrainingArguments, steps: int) -> str:
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    schedule = (
+        f"poly (power {recipe.poly_power}) with {args.warmup_steps} linear warm-up steps"
+        if recipe.poly_schedule
+        else f"{args.lr_scheduler_type} schedule"
+    )
+    return (
+        f"Trained with `scripts/train_semask.py` from {source} on {data_name} for {steps} steps: batch {batch}, "
+        f"crop {recipe.crop_size[0]}x{recipe.crop_size[1]}, AdamW (lr {args.learning_rate}, weight decay "
+        f"{args.weight_decay}), {schedule}{', OHEM' if recipe.ohem else ''}."
+    )
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it names a Hub repository rather than a local folder."""
+    return name_or_path if name_or_path and not Path(name_or_path).exists() else None
+
+
+def dataset_title(dataset_name: str | None) -> str:
+    """How the model card names the data: a Hub id, a local folder's name, or the demo's or folder pairs' name."""
+    if dataset_name == "demo":
+        return "semask-demo"
+    if dataset_name is None:
+        return "custom image/label folders"
+    return hub_id(dataset_name) or Path(dataset_name).resolve().name
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train, evaluate and save; returns the final evaluation metrics."""
+    model_args, data_args, recipe, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logging.getLogger().setLevel(logging.WARNING)
+    transformers.logging.set_verbosity(training_args.get_process_log_level())
+    check_output_dir(training_args)
+    set_seed(training_args.seed)
+
+    data = load_segmentation_data(data_args)
+    validate_segmentation_data(data, data_args.label_check_samples, seed=training_args.seed)
+    processor = build_image_processor(data.preset, data.reduce_labels, recipe)
+    model, report = initialise_model(model_args, data.id2label)
+    logger.info("%s", report)
+
+    trainer = SemaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.dataset["train"].with_transform(TrainTransform(processor, recipe)),
+        eval_dataset=data.dataset["validation"].with_transform(EvalTransform(processor)),
+        data_collator=pad_collate,
+        processing_class=processor,
+        compute_metrics=compute_metrics_for_trainer(data.num_labels),
+        recipe=recipe,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        output_dir = Path(training_args.output_dir)
+        data_name = dataset_title(data_args.dataset_name)
+        write_model_card(
+            output_dir,
+            trainer.model.config,
+            eval_results=metrics,
+            dataset_name=data_name,
+            base_model=hub_id(model_args.model_name_or_path),
+            training_summary=training_summary(
+                report.source, data_name, recipe, training_args, trainer.state.global_step
+            ),
+            overwrite=bool(training_args.resume_from_checkpoint),
+        )
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        save_prediction_overlays(
+            trainer.model, processor, data.dataset["validation"], data.id2label, output_dir / "predictions"
+        )
+        per_class = dict(zip(data.id2label.values(), np.round(metrics["eval_per_category_iou"], 4).tolist()))
+        print(f"Per-class IoU: {json.dumps(per_class)}")
+        print(f"Validation mIoU: {metrics['eval_mean_iou']:.4f} (model saved to {output_dir})")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
