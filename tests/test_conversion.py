@@ -47,12 +47,14 @@ def test_mismatched_checkpoint_fails_listing_keys_and_writes_nothing(
 ):
     state_dict = dict(original_state_dict)
     edit(state_dict)
-    checkpoint = save_checkpoint(state_dict, tmp_path / "broken.pth")
-    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
-    error = capsys.readouterr().err
-    assert expected in error
-    assert not (tmp_path / "out").exists()
-    assert [path.name for path in tmp_path.iterdir()] == ["broken.pth"]  # no staging folder left behind
+    assert_conversion_refused(save_checkpoint(state_dict, tmp_path / "broken.pth"), capsys, expected)
+
+
+def assert_conversion_refused(checkpoint, capsys, expected: str) -> None:
+    """`semask-convert` exits 1 naming `expected` and writes nothing next to `checkpoint` (no staging folder)."""
+    assert main(["--checkpoint", str(checkpoint), "--output", str(checkpoint.parent / "out")]) == 1
+    assert expected in capsys.readouterr().err
+    assert [path.name for path in checkpoint.parent.iterdir()] == [checkpoint.name]
 
 
 def test_missing_key_names_the_original_key(original_state_dict, tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_conversion import architecture_keys
+from test_conversion import architecture_keys, assert_conversion_refused
 
 from conftest import fpn_fixture_dir, mask2former_fixture_dir
 from semask import SemaskMask2FormerConfig
@@ -48,10 +48,7 @@ def test_mismatched_checkpoint_fails_listing_keys_and_writes_nothing(
 ):
     state_dict = dict(original_state_dict)
     edit(state_dict)
-    checkpoint = save_checkpoint(state_dict, tmp_path / "broken.pth")
-    assert main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]) == 1
-    assert expected in capsys.readouterr().err
-    assert [path.name for path in tmp_path.iterdir()] == ["broken.pth"]  # no output, no staging folder
+    assert_conversion_refused(save_checkpoint(state_dict, tmp_path / "broken.pth"), capsys, expected)
 
 
 def test_presets_of_the_other_kind_are_refused(original_state_dict, tmp_path, capsys):
