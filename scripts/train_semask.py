@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Fine-tune SeMask on a segmentation dataset with transformers' Trainer and the original training recipe.
+"""Fine-tune SeMask or SeMask-Mask2Former on a segmentation dataset with transformers' Trainer and the original
+training recipes.
 
     python scripts/train_semask.py --dataset_name demo --output_dir semask-demo      # CPU demo, a few minutes
+    python scripts/train_semask.py --dataset_name demo --model_type semask_mask2former --output_dir m2f-demo
     python scripts/train_semask.py --dataset_name ADEChallengeData2016 --model_name_or_path \\
         microsoft/swin-tiny-patch4-window7-224 --output_dir semask-tiny-ade --max_steps 80000 --bf16 True
     accelerate launch scripts/train_semask.py ...   # or torchrun --nproc_per_node N scripts/train_semask.py ...
 
 Arguments: `semask.training.ModelArguments` and `RecipeArguments`, `semask.data.DatasetArguments` and
 `transformers.TrainingArguments` (`--help` lists them all). Unless given on the command line, the original
-recipe's optimiser settings apply (lr 1e-4, weight decay 1e-4, 1500 warm-up steps), and `--dataset_name demo` also
-selects demo-sized settings (`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets
-the model, its image processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay
-PNGs of a few validation predictions (`predictions/`).
+recipe's settings apply: SeMask-FPN's (lr 1e-4, weight decay 1e-4, 1500 warm-up steps) or, for SeMask-Mask2Former
+(`--model_type semask_mask2former`, a Mask2Former preset or checkpoint), Mask2Former's (`MASK2FORMER_DEFAULTS` and
+its test-time resize for ADE20K / Cityscapes). `--dataset_name demo` also selects demo-sized settings
+(`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets the model, its image
+processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay PNGs of a few validation
+predictions (`predictions/`).
 """
 
 import json
@@ -25,7 +29,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-import semask  # noqa: F401  (registers SeMask with the Auto classes)
+from semask import SemaskMask2FormerConfig  # importing semask registers it with the Auto classes
 from semask.cli import overlay_image
 from semask.data import DatasetArguments, load_segmentation_data, validate_segmentation_data
 from semask.image_processing_semask import SemaskImageProcessor
@@ -33,15 +37,17 @@ from semask.inference import predict_probabilities
 from semask.metrics import compute_metrics_for_trainer
 from semask.modelcard import write_model_card
 from semask.palettes import palette_for_labels
-from semask.presets import DATASET_PROCESSING
+from semask.presets import DATASET_PROCESSING, MASK2FORMER_PROCESSING
 from semask.training import (
     EvalTransform,
     ModelArguments,
     RecipeArguments,
     SemaskTrainer,
     TrainTransform,
+    check_recipe,
     initialise_model,
     pad_collate,
+    resolve_model_type,
 )
 
 matplotlib.use("Agg")
@@ -59,9 +65,19 @@ RECIPE_DEFAULTS = {
     "save_strategy": "epoch",
     "logging_steps": 50,
 }
+# The original Mask2Former recipe (its ADE20K / Cityscapes base configs and `train_net.py`), for SeMask-Mask2Former.
+MASK2FORMER_DEFAULTS = {
+    "weight_decay": 0.05,
+    "backbone_lr_multiplier": 0.1,
+    "poly_power": 0.9,
+    "warmup_steps": 0,
+    "max_grad_norm": 0.01,
+    "cat_max_ratio": 1.0,
+    "pad_pixel_value": 128,
+}
 # `--dataset_name demo`: a tiny model trained for a few minutes on the CPU (where no GPU is available).
+DEMO_PRESET = "tiny"
 DEMO_DEFAULTS = {
-    "preset": "tiny",
     "image_scale": [512, 128],
     "crop_size": [64],
     "num_train_epochs": 16,
@@ -73,6 +89,14 @@ DEMO_DEFAULTS = {
     "logging_steps": 10,
     "save_strategy": "no",
     "use_cpu": not torch.cuda.is_available(),
+}
+# The demo's SeMask-Mask2Former keeps Mask2Former's weight decay and schedule (over DEMO_DEFAULTS' ones); its randomly
+# initialised encoder learns at the full rate, and the rate is higher (it learns the demo more slowly than SeMask-FPN).
+MASK2FORMER_DEMO_DEFAULTS = {
+    "learning_rate": 2e-3,
+    "weight_decay": 0.05,
+    "warmup_steps": 0,
+    "backbone_lr_multiplier": 1.0,
 }
 NUM_PREDICTION_IMAGES = 4
 
@@ -93,29 +117,47 @@ def as_arguments(name: str, value) -> list[str]:
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, RecipeArguments, TrainingArguments]:
-    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS` (and `DEMO_DEFAULTS`)."""
+    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS`, `MASK2FORMER_DEFAULTS` for
+    SeMask-Mask2Former, and `DEMO_DEFAULTS` / `MASK2FORMER_DEMO_DEFAULTS` for the demo data."""
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     given = explicit_options(argv)
-    if "output_dir" not in given and not {"help", "h"} & given and "-h" not in argv:
+    if "help" in given or "-h" in argv:
+        parser.parse_args_into_dataclasses(args=argv)  # prints every argument group's help and exits
+    if "output_dir" not in given:
         parser.error("--output_dir is required.")
     data_parser = HfArgumentParser(DatasetArguments, allow_abbrev=False)
     data_args = data_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
-    defaults = {**RECIPE_DEFAULTS, **(DEMO_DEFAULTS if data_args.dataset_name == "demo" else {})}
+    demo = data_args.dataset_name == "demo"
+    if demo and not {"preset", "model_name_or_path"} & given:
+        argv = [*argv, "--preset", DEMO_PRESET]
+    model_parser = HfArgumentParser(ModelArguments, allow_abbrev=False)
+    model_args = model_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
+    mask2former = resolve_model_type(model_args) == SemaskMask2FormerConfig.model_type
+    defaults = {
+        **RECIPE_DEFAULTS,
+        **(MASK2FORMER_DEFAULTS if mask2former else {}),
+        **(DEMO_DEFAULTS if demo else {}),
+        **(MASK2FORMER_DEMO_DEFAULTS if demo and mask2former else {}),
+    }
     for name, value in defaults.items():
         if name not in given:
             argv = [*argv, *as_arguments(name, value)]
     model_args, data_args, recipe, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
+    check_recipe(recipe, mask_classification=mask2former)
     # Required by the data pipeline (the "image"/"label" columns feed set_transform) and the streaming metric.
     training_args.remove_unused_columns = False
     training_args.batch_eval_metrics = True
     return model_args, data_args, recipe, training_args
 
 
-def build_image_processor(preset: str | None, reduce_labels: bool, recipe: RecipeArguments) -> SemaskImageProcessor:
-    """The test-time processor for the data: the preset's pipeline (or the default one), its scale and labels."""
-    settings = dict(DATASET_PROCESSING.get(preset, {}))
+def build_image_processor(
+    preset: str | None, reduce_labels: bool, recipe: RecipeArguments, mask2former: bool = False
+) -> SemaskImageProcessor:
+    """The test-time processor for the data: the dataset preset's pipeline (SeMask-Mask2Former's where it has one,
+    else SeMask-FPN's) or the default one, the recipe's scale and the data's label convention."""
+    settings = dict((mask2former and MASK2FORMER_PROCESSING.get(preset)) or DATASET_PROCESSING.get(preset, {}))
     if recipe.image_scale:
         settings["size"] = {"longest_edge": recipe.image_scale[0], "shortest_edge": recipe.image_scale[1]}
     return SemaskImageProcessor(**{**settings, "do_reduce_labels": reduce_labels})
@@ -162,15 +204,24 @@ def save_prediction_overlays(model, processor, dataset, id2label: dict[int, str]
 
 def training_summary(source: str, data_name: str, recipe: RecipeArguments, args: TrainingArguments, steps: int) -> str:
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    warmup_steps = args.get_warmup_steps(steps)
+    warmup = f"{warmup_steps} linear warm-up steps" if warmup_steps else "no warm-up"
     schedule = (
-        f"poly (power {recipe.poly_power}) with {args.warmup_steps} linear warm-up steps"
+        f"poly (power {recipe.poly_power}) with {warmup}"
         if recipe.poly_schedule
         else f"{args.lr_scheduler_type} schedule"
     )
+    settings = [schedule]
+    if recipe.backbone_lr_multiplier != 1:
+        settings.append(f"encoder learning rate x{recipe.backbone_lr_multiplier}")
+    if args.max_grad_norm:
+        settings.append(f"gradient norm clipped at {args.max_grad_norm}")
+    if recipe.ohem:
+        settings.append("OHEM")
     return (
         f"Trained with `scripts/train_semask.py` from {source} on {data_name} for {steps} steps: batch {batch}, "
         f"crop {recipe.crop_size[0]}x{recipe.crop_size[1]}, AdamW (lr {args.learning_rate}, weight decay "
-        f"{args.weight_decay}), {schedule}{', OHEM' if recipe.ohem else ''}."
+        f"{args.weight_decay}), {', '.join(settings)}."
     )
 
 
@@ -200,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     data = load_segmentation_data(data_args)
     validate_segmentation_data(data, data_args.label_check_samples, seed=training_args.seed)
-    processor = build_image_processor(data.preset, data.reduce_labels, recipe)
     model, report = initialise_model(model_args, data.id2label)
+    mask2former = isinstance(model.config, SemaskMask2FormerConfig)
+    processor = build_image_processor(data.preset, data.reduce_labels, recipe, mask2former)
     logger.info("%s", report)
 
     trainer = SemaskTrainer(

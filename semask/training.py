@@ -1,4 +1,8 @@
-"""The original SeMask-FPN training recipe (mmsegmentation 0.x) on torchvision, torch and `transformers.Trainer`.
+"""The original SeMask training recipes on torchvision, torch and `transformers.Trainer`.
+
+SeMask-FPN (mmsegmentation 0.x) and SeMask-Mask2Former (detectron2) share the pipeline below; the Mask2Former
+model builds its mask-classification targets from the label maps itself (`mask_classification_targets`, as the
+original dataset mapper does), and its recipe's settings are switches here too (see "SeMask-Mask2Former" below).
 
 Each piece is switchable (see `RecipeArguments`); the defaults follow the original configs
 (`SeMask-FPN/configs/semask_swin/*`, with mmseg's pipelines and mmcv's schedulers):
@@ -18,11 +22,19 @@ Each piece is switchable (see `RecipeArguments`); the defaults follow the origin
 
 The original ADE20K / COCO-Stuff configs train with lr 1e-4, weight decay 1e-4, 16 images per step and 80k steps;
 the Cityscapes ones with lr 1e-3 and weight decay 0.05.
+
+SeMask-Mask2Former (the original `train_net.py` and Mask2Former's base configs): AdamW without weight decay on every
+normalisation layer, embedding table, relative position bias table and position embedding (the same function picks
+these for mask-classification models), the encoder's learning rate times `backbone_lr_multiplier` (0.1),
+`poly_power` 0.9 without warm-up, full-model gradient clipping (`max_grad_norm` 0.01), no category re-drawing of
+crops (`cat_max_ratio` 1) and crops padded with the pixel value 128 before normalisation (`pad_pixel_value`); the
+training script makes these the defaults for this model. OHEM is refused: it applies to per-pixel logits.
+Evaluation scores the classes with the original semantic inference (`semantic_scores_for_metrics`).
 """
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -33,12 +45,19 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from transformers import AutoConfig, Trainer, TrainingArguments
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 
 from .configuration_semask import SemaskConfig
+from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .image_processing_semask import IGNORE_INDEX, SemaskImageProcessor, image_to_array, rescaled_size
-from .modeling_semask import SemaskForSemanticSegmentation, summarize_keys
-from .presets import fpn_semantic_attention
+from .inference import is_mask_classification, semantic_inference
+from .modelcard import encoder_config
+from .modeling_semask import SemaskForSemanticSegmentation, SemaskModel, summarize_keys
+from .modeling_semask_mask2former import (
+    SemaskMask2FormerForUniversalSegmentation,
+    SemaskMask2FormerForUniversalSegmentationOutput,
+)
+from .presets import fpn_semantic_attention, mask2former_semantic_attention
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +73,49 @@ TINY_CONFIG = {
 }
 """A SeMask small enough to train on a CPU in minutes (`--preset tiny`)."""
 
+TINY_MASK2FORMER_CONFIG = {
+    "backbone_config": {key: value for key, value in TINY_CONFIG.items() if key != "decoder_hidden_size"},
+    "feature_size": 32,
+    "mask_feature_size": 32,
+    "hidden_dim": 32,
+    "num_attention_heads": 4,
+    "encoder_layers": 1,
+    "encoder_feedforward_dim": 64,
+    "decoder_layers": 3,
+    "dim_feedforward": 64,
+    "num_queries": 16,
+    "train_num_points": 256,
+}
+"""A SeMask-Mask2Former with the encoder of `TINY_CONFIG` (`--preset tiny --model_type semask_mask2former`)."""
+
+MODEL_CLASSES = {
+    SemaskConfig.model_type: SemaskForSemanticSegmentation,
+    SemaskMask2FormerConfig.model_type: SemaskMask2FormerForUniversalSegmentation,
+}
+MODEL_NAMES = {SemaskConfig.model_type: "SeMask", SemaskMask2FormerConfig.model_type: "SeMask-Mask2Former"}
 NO_DECAY_PARAMETER_NAMES = ("relative_position_bias_table", "position_embeddings")
+# The modules whose parameters the original Mask2Former optimiser leaves without weight decay.
+MASK2FORMER_NO_DECAY_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.Embedding,
+)
 # Model outputs that evaluation neither needs nor gathers across processes.
 EVAL_IGNORED_OUTPUTS = ["semantic_logits", "semantic_priors", "hidden_states", "attentions", "semantic_attentions"]
+MASK2FORMER_EVAL_OUTPUTS = ("class_queries_logits", "masks_queries_logits")
+MASK2FORMER_EVAL_IGNORED_OUTPUTS = [
+    output.name
+    for output in fields(SemaskMask2FormerForUniversalSegmentationOutput)
+    if output.name not in MASK2FORMER_EVAL_OUTPUTS
+]
 
 
 @dataclass
@@ -66,21 +125,34 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A SeMask model folder or Hub id (a different label set re-initialises the class projections of "
-            "the semantic layers and the classifier), or a transformers Swin checkpoint (backbone only)."
+            "help": "A SeMask or SeMask-Mask2Former model folder or Hub id (a different label set re-initialises the "
+            "class projections of the semantic layers and the classifier), or a transformers Swin checkpoint "
+            "(encoder only)."
         },
     )
     preset: str | None = field(
         default=None,
         metadata={
-            "help": f"Random weights in a released architecture ({', '.join(SemaskConfig.preset_names)}) or 'tiny' "
-            "(a small demo model); the label set comes from the data."
+            "help": "Random weights in a released architecture "
+            f"({', '.join(SemaskConfig.preset_names + SemaskMask2FormerConfig.preset_names)}) or 'tiny' (a small "
+            "demo model); the label set comes from the data."
+        },
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The model to train: {', '.join(f'{key} ({name})' for key, name in MODEL_NAMES.items())}. "
+            "Default: the checkpoint's or preset's kind; SeMask (FPN) for Swin checkpoints and 'tiny'."
         },
     )
     drop_path_rate: float | None = field(
         default=None,
         metadata={"help": "Stochastic depth rate (default: the checkpoint's or preset's; 0.3 originally)."},
     )
+
+    def __post_init__(self):
+        if self.model_type is not None and self.model_type not in MODEL_CLASSES:
+            raise ValueError(f"--model_type must be one of {', '.join(MODEL_CLASSES)}; got {self.model_type!r}.")
 
 
 @dataclass
@@ -114,6 +186,13 @@ class RecipeArguments:
     )
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip."})
     photometric_distortion: bool = field(default=True, metadata={"help": "Random brightness/contrast/saturation/hue."})
+    pad_pixel_value: float | None = field(
+        default=None,
+        metadata={
+            "help": "Pad training crops with this 0-255 pixel value before normalisation (128 in the original "
+            "Mask2Former); default: 0 after normalisation, i.e. the mean colour (mmseg)."
+        },
+    )
     original_weight_decay_groups: bool = field(
         default=True,
         metadata={
@@ -126,6 +205,10 @@ class RecipeArguments:
         metadata={"help": "Poly schedule with mmcv's linear warm-up; False: use --lr_scheduler_type instead."},
     )
     poly_power: float = field(default=1.0, metadata={"help": "Power of the poly schedule."})
+    backbone_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Learning-rate factor of the SeMask-Swin encoder (0.1 in the original Mask2Former recipe)."},
+    )
     warmup_ratio: float = field(
         default=1e-6, metadata={"help": "Learning-rate factor at the start of the linear warm-up (--warmup_steps)."}
     )
@@ -152,6 +235,10 @@ class RecipeArguments:
             raise ValueError(f"--rescale_ratio_range needs 0 < MIN <= MAX, got {self.rescale_ratio_range}.")
         if not 0 < self.cat_max_ratio <= 1:
             raise ValueError(f"--cat_max_ratio must lie in (0, 1], got {self.cat_max_ratio}.")
+        if self.pad_pixel_value is not None and not 0 <= self.pad_pixel_value <= 255:
+            raise ValueError(f"--pad_pixel_value is a pixel value in [0, 255], got {self.pad_pixel_value}.")
+        if self.backbone_lr_multiplier < 0:
+            raise ValueError(f"--backbone_lr_multiplier must not be negative, got {self.backbone_lr_multiplier}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,55 +262,115 @@ class InitialisationReport:
         return "\n".join(lines)
 
 
+def resolve_model_type(args: ModelArguments) -> str:
+    """The kind of model to train, "semask" (SeMask-FPN) or "semask_mask2former": `--model_type`, which must agree
+    with the preset's or checkpoint's kind; for "tiny", Swin checkpoints and no model it defaults to SeMask-FPN."""
+    implied, source = None, None
+    if args.preset:
+        if args.preset in SemaskMask2FormerConfig.preset_names:
+            implied = SemaskMask2FormerConfig.model_type
+        elif args.preset in SemaskConfig.preset_names:
+            implied = SemaskConfig.model_type
+        elif args.preset != "tiny":
+            names = ", ".join(("tiny", *SemaskConfig.preset_names, *SemaskMask2FormerConfig.preset_names))
+            raise ValueError(f"Unknown preset {args.preset!r}; expected one of: {names}.")
+        source = f"the preset {args.preset!r}"
+    elif args.model_name_or_path:
+        checkpoint_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+        if checkpoint_type not in (*MODEL_CLASSES, "swin"):
+            raise ValueError(
+                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a SeMask, SeMask-Mask2Former "
+                "or Swin one."
+            )
+        implied = checkpoint_type if checkpoint_type in MODEL_CLASSES else None
+        source = f"the checkpoint {args.model_name_or_path}"
+    if args.model_type and implied and args.model_type != implied:
+        raise ValueError(f"--model_type {args.model_type} contradicts {source}, which is a {implied!r} model.")
+    return args.model_type or implied or SemaskConfig.model_type
+
+
 def initialise_model(
     args: ModelArguments, id2label: dict[int, str]
-) -> tuple[SemaskForSemanticSegmentation, InitialisationReport]:
-    """A SeMask model for the label set `id2label`, from a checkpoint, a Swin checkpoint, a preset or "tiny"."""
-    overrides = {"drop_path_rate": args.drop_path_rate} if args.drop_path_rate is not None else {}
-    labels = {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
+) -> tuple[SemaskForSemanticSegmentation | SemaskMask2FormerForUniversalSegmentation, InitialisationReport]:
+    """A SeMask-FPN or SeMask-Mask2Former model (`resolve_model_type`) for the label set `id2label`, from a checkpoint
+    of that kind, a Swin checkpoint, a preset or "tiny"."""
     if args.model_name_or_path and args.preset:
         raise ValueError("Pass either --model_name_or_path or --preset, not both.")
-    if args.preset:
-        return _model_from_preset(args.preset, labels, overrides)
-    if not args.model_name_or_path:
+    if not args.preset and not args.model_name_or_path:
         raise ValueError("No model given: pass --model_name_or_path (SeMask or Swin checkpoint) or --preset.")
-    model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
-    if model_type == "swin":
-        model, info = SemaskForSemanticSegmentation.from_swin_pretrained(
-            args.model_name_or_path, output_loading_info=True, **labels, **overrides
+    model_type = resolve_model_type(args)
+    labels = {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
+    if args.preset:
+        config = preset_config(args.preset, model_type, labels)
+        set_drop_path_rate(config, args.drop_path_rate)
+        return MODEL_CLASSES[model_type](config), InitialisationReport(
+            f"random weights in the {args.preset!r} architecture"
         )
-        report = InitialisationReport(
-            f"the Swin checkpoint {args.model_name_or_path}", info["missing_keys"], info["unexpected_keys"]
-        )
-        return model, report
-    if model_type != SemaskConfig.model_type:
-        raise ValueError(f"{args.model_name_or_path} is a {model_type!r} checkpoint; expected a SeMask or Swin one.")
-    return _model_from_checkpoint(args.model_name_or_path, labels, overrides)
+    if AutoConfig.from_pretrained(args.model_name_or_path).model_type == "swin":
+        return _model_from_swin(args.model_name_or_path, model_type, labels, args.drop_path_rate)
+    return _model_from_checkpoint(args.model_name_or_path, model_type, labels, args.drop_path_rate)
 
 
-def _model_from_preset(
-    preset: str, labels: dict, overrides: dict
-) -> tuple[SemaskForSemanticSegmentation, InitialisationReport]:
-    if preset == "tiny":
-        config = SemaskConfig(**{**TINY_CONFIG, **labels, **overrides})
-    else:
-        config = SemaskConfig.from_preset(preset, **labels, **overrides)
-    # The original code picks the semantic attention kind from the class count, so the new label set decides it.
+def preset_config(preset: str, model_type: str, labels: dict) -> PreTrainedConfig:
+    """The config of `preset` (or of the tiny demo model) for `labels`.
+
+    The original code picks the semantic attention kind from the class count, so the new label set decides it.
+    """
+    if model_type == SemaskMask2FormerConfig.model_type:
+        if preset == "tiny":
+            config = SemaskMask2FormerConfig(**TINY_MASK2FORMER_CONFIG, **labels)
+        else:
+            config = SemaskMask2FormerConfig.from_preset(preset, **labels)
+        encoder = config.backbone_config
+        encoder.semantic_attention = mask2former_semantic_attention(config.num_labels, encoder.num_layers)
+        return config
+    config = SemaskConfig(**TINY_CONFIG, **labels) if preset == "tiny" else SemaskConfig.from_preset(preset, **labels)
     config.semantic_attention = fpn_semantic_attention(config.embed_dim, config.num_labels, config.num_layers)
-    model = SemaskForSemanticSegmentation(config)
-    return model, InitialisationReport(f"random weights in the {preset!r} architecture")
+    return config
+
+
+def set_drop_path_rate(config: PreTrainedConfig, drop_path_rate: float | None) -> None:
+    """Set the encoder's stochastic depth rate, unless `drop_path_rate` is None."""
+    if drop_path_rate is not None:
+        encoder_config(config).drop_path_rate = drop_path_rate
+
+
+def _model_from_swin(
+    path: str, model_type: str, labels: dict, drop_path_rate: float | None
+) -> tuple[PreTrainedModel, InitialisationReport]:
+    overrides = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
+    source = f"the Swin checkpoint {path}"
+    if model_type == SemaskConfig.model_type:
+        model, info = SemaskForSemanticSegmentation.from_swin_pretrained(
+            path, output_loading_info=True, **labels, **overrides
+        )
+        return model, InitialisationReport(source, info["missing_keys"], info["unexpected_keys"])
+    encoder, info = SemaskModel.from_swin_pretrained(path, output_loading_info=True, **labels, **overrides)
+    config = SemaskMask2FormerConfig(backbone_config=encoder.config.to_dict(), **labels)
+    config.backbone_config.semantic_attention = mask2former_semantic_attention(
+        config.num_labels, config.backbone_config.num_layers
+    )
+    model = SemaskMask2FormerForUniversalSegmentation(config)
+    model.model.pixel_level_module.encoder.load_state_dict(encoder.state_dict())
+    prefix = "model.pixel_level_module.encoder."
+    fresh = [name for name in model.state_dict() if not name.startswith(prefix)]
+    fresh += [prefix + name for name in info["missing_keys"]]
+    return model, InitialisationReport(source, sorted(fresh), sorted(info["unexpected_keys"]))
 
 
 def _model_from_checkpoint(
-    path: str, labels: dict, overrides: dict
-) -> tuple[SemaskForSemanticSegmentation, InitialisationReport]:
-    previous_labels = AutoConfig.from_pretrained(path).id2label
-    model, info = SemaskForSemanticSegmentation.from_pretrained(
-        path, ignore_mismatched_sizes=True, output_loading_info=True, **labels, **overrides
+    path: str, model_type: str, labels: dict, drop_path_rate: float | None
+) -> tuple[PreTrainedModel, InitialisationReport]:
+    config = AutoConfig.from_pretrained(path)
+    previous_labels = config.id2label
+    config.id2label, config.label2id = labels["id2label"], labels["label2id"]
+    set_drop_path_rate(config, drop_path_rate)
+    model, info = MODEL_CLASSES[model_type].from_pretrained(
+        path, config=config, ignore_mismatched_sizes=True, output_loading_info=True
     )
     mismatched = sorted(key for key, *_ in info["mismatched_keys"])
     report = InitialisationReport(
-        f"the SeMask checkpoint {path}",
+        f"the {MODEL_NAMES[model_type]} checkpoint {path}",
         sorted(set(info["missing_keys"]) | set(mismatched)),
         sorted(info["unexpected_keys"]),
     )
@@ -325,9 +472,10 @@ class CatMaxRatioRandomCrop(v2.Transform):
 
 
 class PadToSize(v2.Transform):
-    """Pad the bottom and right to at least `size` (height, width), with `image_fill` and `mask_fill` for masks."""
+    """Pad the bottom and right to at least `size` (height, width), with `image_fill` (one value or one per channel)
+    and `mask_fill` for masks."""
 
-    def __init__(self, size: tuple[int, int], image_fill: float = 0.0, mask_fill: int = IGNORE_INDEX):
+    def __init__(self, size: tuple[int, int], image_fill: float | list[float] = 0.0, mask_fill: int = IGNORE_INDEX):
         super().__init__()
         self.size = tuple(size)
         self.image_fill, self.mask_fill = image_fill, mask_fill
@@ -387,10 +535,14 @@ def build_train_augmentation(processor: SemaskImageProcessor, recipe: RecipeArgu
     if recipe.photometric_distortion:
         steps.append(PhotometricDistortion())
     mean, std = normalization_constants(processor)
+    # Padding with a pixel value before normalising equals padding with its normalised value afterwards.
+    image_fill = 0.0
+    if recipe.pad_pixel_value is not None:
+        image_fill = ((recipe.pad_pixel_value - np.array(mean)) / np.array(std)).tolist()
     steps += [
         v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}),
         v2.Normalize(mean, std),
-        PadToSize(recipe.crop_size),
+        PadToSize(recipe.crop_size, image_fill=image_fill),
     ]
     return v2.Compose(steps)
 
@@ -453,16 +605,46 @@ def pad_collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
-    """LayerNorm parameters, relative position bias tables and the absolute position embedding (the original's
-    `paramwise_cfg`: decay_mult 0 for 'norm', 'relative_position_bias_table' and 'absolute_pos_embed')."""
+    """The parameters the original recipe trains without weight decay.
+
+    SeMask-FPN (the original's `paramwise_cfg`: decay_mult 0 for 'norm', 'relative_position_bias_table' and
+    'absolute_pos_embed'): LayerNorm parameters, relative position bias tables and the absolute position embedding.
+    Mask classification models (the original Mask2Former optimiser): also every other normalisation layer's and
+    every `nn.Embedding`'s parameters.
+    """
+    module_types = MASK2FORMER_NO_DECAY_MODULES if is_mask_classification(model) else (nn.LayerNorm,)
     names = {
         f"{module_name}.{name}" if module_name else name
         for module_name, module in model.named_modules()
-        if isinstance(module, nn.LayerNorm)
+        if isinstance(module, module_types)
         for name, _ in module.named_parameters(recurse=False)
     }
     names |= {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in NO_DECAY_PARAMETER_NAMES}
     return names
+
+
+def scale_encoder_learning_rate(optimizer: torch.optim.Optimizer, model: nn.Module, multiplier: float) -> None:
+    """Move the SeMask-Swin encoder's parameters of each parameter group of `optimizer` into a copy of that group
+    whose learning rate is `multiplier` times the group's (the original Mask2Former's backbone multiplier)."""
+    encoder_ids = {
+        id(parameter)
+        for module in model.modules()
+        if isinstance(module, SemaskModel)
+        for parameter in module.parameters()
+    }
+    for group in list(optimizer.param_groups):
+        encoder_parameters = [parameter for parameter in group["params"] if id(parameter) in encoder_ids]
+        if encoder_parameters:
+            group["params"] = [parameter for parameter in group["params"] if id(parameter) not in encoder_ids]
+            optimizer.add_param_group({**group, "params": encoder_parameters, "lr": group["lr"] * multiplier})
+
+
+def semantic_scores_for_metrics(outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """`Trainer(preprocess_logits_for_metrics=...)` for mask classification models: the semantic inference scores
+    (B, C, H, W) at the labels' size from a batch's (class_queries_logits, masks_queries_logits), which are then
+    gathered across processes instead of the predictions."""
+    class_queries_logits, masks_queries_logits = outputs
+    return semantic_inference(class_queries_logits, masks_queries_logits, labels.shape[-2:])
 
 
 def poly_warmup_factor(step: int, *, total_steps: int, warmup_steps: int, warmup_ratio: float, power: float) -> float:
@@ -513,8 +695,23 @@ def ohem_cross_entropy(
     return total / (labels.numel() if loss_reduction == "all_pixels" else kept.sum().clamp(min=1))
 
 
+def check_recipe(recipe: RecipeArguments, mask_classification: bool) -> None:
+    """Raise a ValueError where `recipe` does not apply to the model (OHEM to mask classification models)."""
+    if mask_classification and recipe.ohem:
+        raise ValueError(
+            "OHEM (--ohem) applies to SeMask-FPN's per-pixel logits; SeMask-Mask2Former trains with its mask "
+            "classification losses. Train without --ohem."
+        )
+
+
 class SemaskTrainer(Trainer):
-    """`Trainer` with the original optimiser groups, poly schedule with warm-up and optional OHEM loss.
+    """`Trainer` with the original optimiser groups, encoder learning-rate factor, poly schedule with warm-up and
+    optional OHEM loss, for SeMask-FPN and SeMask-Mask2Former.
+
+    SeMask-Mask2Former: only `labels` count as labels (unless `args.label_names` say otherwise; the model's
+    `mask_labels` / `class_labels` are built from them), evaluation gathers the class and mask predictions and turns
+    them into per-class scores at the labels' size (`semantic_scores_for_metrics`, unless
+    `preprocess_logits_for_metrics` is given), and OHEM is refused.
 
     Multi-process runs: on GPUs the decode head's BatchNorms become `SyncBatchNorm`, as in the original (torch has
     no CPU version; there each process keeps its own running statistics). Every evaluation first copies the main
@@ -524,16 +721,31 @@ class SemaskTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *, recipe: RecipeArguments, **kwargs):
+        self.mask_classification = is_mask_classification(model)
+        check_recipe(recipe, self.mask_classification)
+        if self.mask_classification:
+            kwargs.setdefault("preprocess_logits_for_metrics", semantic_scores_for_metrics)
         if recipe.sync_batch_norm and args.world_size > 1 and args.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         super().__init__(model, args, **kwargs)
         self.recipe = recipe
+        if args.label_names is None:
+            self.label_names = ["labels"]
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         if not self.recipe.original_weight_decay_groups:
             return super().get_decay_parameter_names(model)
         excluded = no_weight_decay_parameter_names(model)
         return [name for name, _ in model.named_parameters() if name not in excluded]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or self.recipe.backbone_lr_multiplier == 1:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        scale_encoder_learning_rate(
+            optimizer, self.model if model is None else model, self.recipe.backbone_lr_multiplier
+        )
+        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if not self.recipe.poly_schedule or self.lr_scheduler is not None:
@@ -582,7 +794,8 @@ class SemaskTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         if self.accelerator.num_processes > 1:
             inputs = {**inputs, **self._padded_across_processes(inputs["pixel_values"], inputs["labels"])}
-        ignore_keys = EVAL_IGNORED_OUTPUTS if ignore_keys is None else ignore_keys
+        if ignore_keys is None:
+            ignore_keys = MASK2FORMER_EVAL_IGNORED_OUTPUTS if self.mask_classification else EVAL_IGNORED_OUTPUTS
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _padded_across_processes(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
