@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image
 
+from .cli import IMAGE_SUFFIXES
 from .image_processing_semask import IGNORE_INDEX, image_to_array
 from .presets import DATASET_LABELS, DATASET_PROCESSING
 
@@ -35,7 +36,6 @@ SPLITS = ("train", "validation")
 FOLDER_SPLIT_NAMES = {"train": ("training", "train"), "validation": ("validation", "val")}
 IMAGE_FOLDER_NAMES = ("images",)
 LABEL_FOLDER_NAMES = ("annotations", "labels")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABELS_FILE_NAME = "id2label.json"
 LABEL_MAP_MODES = ("1", "L", "P", "I")  # plus the 16-bit "I;16*" modes
 MAX_REPORTED_PROBLEMS = 20

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_training import load_script, make_trainer
+from test_training import assert_only_reinitialised_weights_changed, load_script, make_trainer
 from transformers import AutoModelForUniversalSegmentation, SwinConfig, SwinModel
 
 from conftest import tiny_mask2former_config_kwargs
@@ -98,14 +98,7 @@ def test_new_label_set_reinitialises_the_class_weights_of_a_checkpoint(tmp_path,
     assert model.class_predictor.out_features == 4 and model.config.backbone_config.drop_path_rate == 0.2
     # the no-object class keeps its weight in the rebuilt loss
     assert model.criterion.empty_weight.tolist() == pytest.approx([1, 1, 1, model.config.no_object_weight])
-    source_state = tiny_model.state_dict()
-    for name, tensor in model.state_dict().items():
-        if name not in report.reinitialised and "relative_position_index" not in name:
-            assert torch.equal(tensor, source_state[name]), name
-    _, same_labels = initialise_model(
-        ModelArguments(model_name_or_path=str(tmp_path / "source")), tiny_model.config.id2label
-    )
-    assert same_labels.reinitialised == [] and same_labels.unused == []
+    assert_only_reinitialised_weights_changed(model, tiny_model, report, tmp_path / "source")
 
 
 def test_presets_tiny_model_and_swin_start(tiny_swin_folder):

@@ -227,13 +227,16 @@ def test_reinitialisation_report_for_new_label_set(tmp_path):
     assert report.reinitialised == sorted(per_stage + ["decode_head.classifier.bias", "decode_head.classifier.weight"])
     assert "Newly initialised (18): decode_head.classifier.bias" in str(report)
     assert model.config.id2label == new_labels and model.decode_head.classifier.out_channels == 3
+    assert_only_reinitialised_weights_changed(model, source, report, tmp_path / "source")
+
+
+def assert_only_reinitialised_weights_changed(model, source, report, source_folder) -> None:
+    """Every weight the report does not list equals the source's; the source's own labels re-initialise nothing."""
     source_state = source.state_dict()
     for name, tensor in model.state_dict().items():
         if name not in report.reinitialised and "relative_position_index" not in name:
             assert torch.equal(tensor, source_state[name]), name
-    _, same_labels = initialise_model(
-        ModelArguments(model_name_or_path=str(tmp_path / "source")), source.config.id2label
-    )
+    _, same_labels = initialise_model(ModelArguments(model_name_or_path=str(source_folder)), source.config.id2label)
     assert same_labels.reinitialised == [] and same_labels.unused == []
 
 
