@@ -6,6 +6,11 @@ Every case runs in its own subprocess (so peak memory is the case's own) with ra
 min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
 against a GEMM rate measured on the spot, for inference or a training step (forward + backward + AdamW step).
 Ratios compare each case's median time with the reference model's in the same setting.
+
+Peak memory: `peak_mb` is the most tensor memory alive during one step, as `torch.cuda.max_memory_allocated` on
+GPUs; on CPUs it is the bytes of the tensors alive before the step (weights, gradients, optimiser state, inputs)
+plus the highest running total of the step's allocations recorded by the PyTorch profiler. `rss_mb` is the growth
+of the process's peak resident memory, which also counts the allocator's fragmentation.
 """
 
 import argparse
@@ -91,6 +96,25 @@ def _timed(step) -> float:
     return time.perf_counter() - start
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
+
+
+def cpu_peak_tensor_mb(step, live_before: int) -> float:
+    """The most CPU tensor memory alive during `step()`: `live_before` bytes plus the peak of its allocations."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        step()
+    events = sorted(
+        (event for event in profile.profiler.kineto_results.events() if event.name() == "[memory]"),
+        key=lambda event: event.start_ns(),
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return (live_before + peak) / 2**20
+
+
 def run_case(case: Case, warmup: int, runs: int) -> dict:
     """Measure one case in this process: FLOPs, latencies and peak memory."""
     torch.manual_seed(0)
@@ -98,7 +122,7 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build_model(case).to(device)
     if case.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train(case.task == "train")
     pixel_values = torch.randn(case.batch, 3, case.resolution, case.resolution, device=device)
     labels = torch.randint(0, NUM_LABELS, (case.batch, case.resolution, case.resolution), device=device)
@@ -129,11 +153,13 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [_timed(step) for _ in range(runs)]
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device == "cuda"
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    )
+    rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        state = [value for values in (optimizer.state.values() if optimizer else ()) for value in values.values()]
+        live = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), *state, pixel_values]
+        peak_mb = cpu_peak_tensor_mb(step, tensor_bytes(live) + (tensor_bytes([labels]) if optimizer else 0))
     return {
         "gflops": counter.get_total_flops() / 1e9,
         "first_call_s": first_call,
@@ -141,6 +167,7 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
         "min_s": min(times),
         "max_s": max(times),
         "peak_mb": peak_mb,
+        "rss_mb": rss_mb,
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
 
@@ -210,6 +237,7 @@ COLUMNS = (
     ("gflop_per_s", "{:.1f}"),
     ("percent_of_gemm", "{:.0f}"),
     ("peak_mb", "{:.0f}"),
+    ("rss_mb", "{:.0f}"),
     ("time_ratio", "{:.2f}"),
     ("first_call_s", "{:.1f}"),
 )

@@ -5,12 +5,14 @@ load by name); this file adds the semantic layers, the per-stage output norms, t
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
@@ -113,8 +115,11 @@ class SemaskSemanticSegmenterOutput(ModelOutput):
 
 
 def tokens_to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(batch, height * width, channels) tokens as a (batch, channels, height, width) map."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *size)
+    """(batch, height * width, channels) tokens as a (batch, channels, height, width) map, without a copy.
+
+    The map is channels-last in memory: the layout the head's convolutions and resizes are fastest with on CPUs.
+    """
+    return tokens.unflatten(1, size).permute(0, 3, 1, 2)
 
 
 class SemaskEmbeddings(nn.Module):
@@ -173,22 +178,32 @@ class SemaskSemanticAttention(nn.Module):
         prior = self.q_proj(hidden_states)
         key = self.k_proj(hidden_states)
         value = self.v_proj(hidden_states)
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            attn_output, attn_weights = self._attention(prior.float(), key.float(), value.float())
+        hidden_states = hidden_states + self.gamma * self.dropout(self.o_proj(attn_output.to(value.dtype)))
+        return hidden_states, prior, attn_weights
+
+    def _attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`softmax(query keyᵀ) value` over the tokens of (windows, tokens, width) inputs.
+
+        Returns the output and, in eager mode, the weights as (windows, 1, tokens, tokens) (one head).
+
+        The queries and keys (one channel per class) differ in width from the values, which leaves PyTorch's SDPA
+        without a fused CPU kernel: its math fallback is slower than two matmuls, so on CPUs SDPA mode runs these.
+        """
+        eager = self.config._attn_implementation == "eager"
+        if eager or query.device.type == "cpu":
+            weights = torch.softmax(torch.bmm(query, key.transpose(1, 2)), dim=-1)
+            return torch.bmm(weights, value), weights.unsqueeze(1) if eager else None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            attn_output, attn_weights = attention_interface(
-                self,
-                prior.float().unsqueeze(1),
-                key.float().unsqueeze(1),
-                value.float().unsqueeze(1),
-                None,
-                dropout=0.0,
-                scaling=1.0,
-            )
-        attn_output = attn_output.reshape(value.shape).to(value.dtype)
-        hidden_states = hidden_states + self.gamma * self.dropout(self.o_proj(attn_output))
-        return hidden_states, prior, attn_weights
+        output, weights = attention_interface(
+            self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), None, dropout=0.0, scaling=1.0
+        )
+        return output.squeeze(2), weights
 
 
 class SemaskSemanticLayer(GradientCheckpointingLayer):
@@ -211,7 +226,8 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         if self.window_size is not None:
             window = self.window_size
             hidden_states = hidden_states.view(batch_size, height, width, channels)
-            hidden_states = F.pad(hidden_states, (0, 0, 0, -width % window, 0, -height % window))
+            if height % window or width % window:
+                hidden_states = F.pad(hidden_states, (0, 0, 0, -width % window, 0, -height % window))
             padded_size = hidden_states.shape[1:3]
             hidden_states = window_partition(hidden_states, window).view(-1, window * window, channels)
         for block in self.blocks:
@@ -417,7 +433,10 @@ class SemaskFPNHead(nn.Module):
     Stage i passes through max(1, i) blocks of Conv3x3-BN-ReLU, each followed by a x2 bilinear upsample when
     i > 0; the semantic branch upsamples stage i's prior x2, i times. Each branch sums its maps at stride 4
     (resizing when odd input sizes make them differ); the FPN sum then goes through Dropout2d and a 1x1 classifier.
+    With gradient checkpointing, each stage's convolution chain is recomputed in the backward pass.
     """
+
+    gradient_checkpointing = False
 
     def __init__(self, config: SemaskConfig):
         super().__init__()
@@ -453,10 +472,20 @@ class SemaskFPNHead(nn.Module):
             output = output + feature_map
         return output
 
+    def _run_scale_head(self, head: nn.Sequential, feature_map: torch.Tensor) -> torch.Tensor:
+        if not (self.gradient_checkpointing and self.training):
+            return head(feature_map)
+        if torch.compiler.is_compiling():  # compiled graphs recompute without mutating the statistics again
+            return checkpoint(head, feature_map, use_reentrant=False)
+        context_fn = lambda: (nullcontext(), running_statistics_restored(head))  # noqa: E731
+        return checkpoint(head, feature_map, use_reentrant=False, context_fn=context_fn)
+
     def forward(
         self, feature_maps: tuple[torch.Tensor, ...], semantic_priors: tuple[torch.Tensor, ...] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        fused = self._sum_at_first_size([head(x) for head, x in zip(self.scale_heads, feature_maps)])
+        fused = self._sum_at_first_size(
+            [self._run_scale_head(head, x) for head, x in zip(self.scale_heads, feature_maps)]
+        )
         logits = self.classifier(self.dropout(fused))
         semantic_logits = None
         if semantic_priors is not None:
@@ -469,6 +498,26 @@ class SemaskFPNHead(nn.Module):
         return logits, semantic_logits
 
 
+@contextmanager
+def running_statistics_restored(module: nn.Module) -> Iterator[None]:
+    """Batch-norm running statistics in `module` are put back as they were when the block exits.
+
+    Used while checkpointed layers are recomputed, so that each training step updates the statistics once.
+    """
+    saved = [
+        (buffer, buffer.clone())
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        for buffer in norm.buffers()
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def check_label_maps(labels: torch.Tensor, batch_size: int, num_labels: int, ignore_index: int) -> None:
     """Raise a ValueError unless labels are (batch_size, H, W) integers in [0, num_labels) or `ignore_index`."""
     if labels.ndim != 3 or labels.shape[0] != batch_size or labels.is_floating_point():
@@ -476,11 +525,11 @@ def check_label_maps(labels: torch.Tensor, batch_size: int, num_labels: int, ign
             f"Expected integer labels of shape ({batch_size}, height, width), got {labels.dtype} {tuple(labels.shape)}."
         )
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
-    if invalid.any():
-        values = labels[invalid].unique()[:10].tolist()
-        raise ValueError(
-            f"Labels must lie in [0, {num_labels}) or equal the ignore index {ignore_index}; found {values}."
-        )
+    message = f"Labels must lie in [0, {num_labels}) or equal the ignore index {ignore_index}"
+    if torch.compiler.is_compiling():  # a graph cannot branch on data: a RuntimeError from inside the graph
+        torch._assert_async(~invalid.any(), message)
+    elif invalid.any():
+        raise ValueError(f"{message}; found {labels[invalid].unique()[:10].tolist()}.")
 
 
 class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
@@ -532,12 +581,18 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The original's two loss terms: decode cross-entropy and `semantic_loss_weight` x semantic cross-entropy.
 
-        Both stride-4 maps are resized (bilinear) to the label size first.
+        Both stride-4 maps are resized (bilinear) to the label size first. With gradient checkpointing the
+        full-resolution logits are not kept for the backward pass but recomputed there.
         """
-        decode_loss = self._cross_entropy(logits, labels)
+        decode_loss = self._checkpointed_cross_entropy(logits, labels)
         if semantic_logits is None:
             return decode_loss, None
-        return decode_loss, self.config.semantic_loss_weight * self._cross_entropy(semantic_logits, labels)
+        return decode_loss, self.config.semantic_loss_weight * self._checkpointed_cross_entropy(semantic_logits, labels)
+
+    def _checkpointed_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.decode_head.gradient_checkpointing and self.training:
+            return checkpoint(self._cross_entropy, logits, labels, use_reentrant=False)
+        return self._cross_entropy(logits, labels)
 
     def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.config.align_corners)
