@@ -24,7 +24,18 @@ setup(
     ],
     extras_require={
         "train": ["accelerate>=1.10", "datasets>=4", "matplotlib", "scipy"],
-        "dev": ["pytest", "ruff", "accelerate>=1.10", "datasets>=4", "matplotlib", "scipy"],
+        "export": ["onnx>=1.18", "onnxruntime>=1.22", "onnxscript>=0.6"],
+        "dev": [
+            "pytest",
+            "ruff",
+            "accelerate>=1.10",
+            "datasets>=4",
+            "matplotlib",
+            "scipy",
+            "onnx>=1.18",
+            "onnxruntime>=1.22",
+            "onnxscript>=0.6",
+        ],
     },
     entry_points={
         "console_scripts": ["semask-convert=semask.conversion:main", "semask-segment=semask.cli:main"],

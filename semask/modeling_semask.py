@@ -122,6 +122,20 @@ def tokens_to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return tokens.unflatten(1, size).permute(0, 3, 1, 2)
 
 
+def round_up(size: int, multiple: int) -> int:
+    """`size` rounded up to a multiple of `multiple`, written so that torch.export sees that it divides evenly."""
+    return (size + multiple - 1) // multiple * multiple
+
+
+def needs_padding(size: tuple[int, int], padded_size: tuple[int, int]) -> bool:
+    """Whether a map of `size` must be padded to `padded_size`.
+
+    Always while exporting: sizes are symbolic there, and a branch on them would fix the exported graph to one
+    case (padding by 0 changes nothing).
+    """
+    return torch.compiler.is_exporting() or tuple(size) != tuple(padded_size)
+
+
 class SemaskEmbeddings(nn.Module):
     """Patch embedding (padded to a multiple of the patch size), optional norm and absolute position embedding."""
 
@@ -143,6 +157,11 @@ class SemaskEmbeddings(nn.Module):
                 f"Expected pixel_values of shape (batch_size, {self.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}."
             )
+        size = pixel_values.shape[-2:]
+        padded_size = tuple(round_up(length, patch) for length, patch in zip(size, self.patch_embeddings.patch_size))
+        if needs_padding(size, padded_size):
+            pad = (0, padded_size[1] - size[1], 0, padded_size[0] - size[0])
+            pixel_values = F.pad(pixel_values, pad)
         embeddings, size = self.patch_embeddings(pixel_values)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
@@ -226,9 +245,10 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         if self.window_size is not None:
             window = self.window_size
             hidden_states = hidden_states.view(batch_size, height, width, channels)
-            if height % window or width % window:
-                hidden_states = F.pad(hidden_states, (0, 0, 0, -width % window, 0, -height % window))
-            padded_size = hidden_states.shape[1:3]
+            padded_size = (round_up(height, window), round_up(width, window))
+            if needs_padding(size, padded_size):
+                pad = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
+                hidden_states = F.pad(hidden_states, pad)
             hidden_states = window_partition(hidden_states, window).view(-1, window * window, channels)
         for block in self.blocks:
             hidden_states, prior, _ = block(hidden_states)
@@ -237,11 +257,61 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
             prior = self._merge_windows(prior, padded_size, size)
         return hidden_states, tokens_to_map(prior, size)
 
-    def _merge_windows(self, windows: torch.Tensor, padded_size: torch.Size, size: tuple[int, int]) -> torch.Tensor:
+    def _merge_windows(
+        self, windows: torch.Tensor, padded_size: tuple[int, int], size: tuple[int, int]
+    ) -> torch.Tensor:
         channels = windows.shape[-1]
         windows = windows.view(-1, self.window_size, self.window_size, channels)
-        merged = window_reverse(windows, self.window_size, *padded_size)[:, : size[0], : size[1]]
-        return merged.reshape(merged.shape[0], size[0] * size[1], channels)
+        merged = window_reverse(windows, self.window_size, *padded_size)
+        if needs_padding(size, padded_size):
+            merged = merged[:, : size[0], : size[1]].clone(memory_format=torch.contiguous_format)
+        return merged.view(merged.shape[0], size[0] * size[1], channels)
+
+
+class SemaskSwinLayer(SwinLayer):
+    """transformers' `SwinLayer` (same weights and computation) with no branch on the map size, for torch.export.
+
+    Windows always partition the map: a window larger than the map is padded, never shrunk (as in the original).
+    """
+
+    def maybe_pad(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        window = self.window_size
+        pad_values = (0, 0, 0, round_up(width, window) - width, 0, round_up(height, window) - height)
+        return F.pad(hidden_states, pad_values), pad_values
+
+    def forward(
+        self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        height, width = input_dimensions
+        batch_size, _, channels = hidden_states.shape
+        shortcut = hidden_states
+        hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+        hidden_states, _ = self.maybe_pad(hidden_states, height, width)
+        _, height_pad, width_pad, _ = hidden_states.shape
+        windows = window_partition(self.cyclic_shift(hidden_states), self.window_size)
+        windows = windows.view(-1, self.window_size * self.window_size, channels)
+        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=hidden_states.dtype, device=windows.device)
+        attention_output, attn_weights = self.attention(windows, attn_mask, **kwargs)
+        attention_windows = self.dropout(attention_output).view(-1, self.window_size, self.window_size, channels)
+        attention_windows = window_reverse(attention_windows, self.window_size, height_pad, width_pad)
+        attention_windows = self.cyclic_shift(attention_windows, reverse=True)
+        if needs_padding((height, width), (height_pad, width_pad)):
+            # a copy rather than .contiguous(), which would ask whether the (symbolic) crop happens to be contiguous
+            attention_windows = attention_windows[:, :height, :width].clone(memory_format=torch.contiguous_format)
+        hidden_states = shortcut + self.drop_path(attention_windows.view(batch_size, height * width, channels))
+        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class SemaskPatchMerging(SwinPatchMerging):
+    """transformers' `SwinPatchMerging` with no branch on the map size while exporting."""
+
+    def maybe_pad(self, input_feature: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        padded_size = (round_up(height, 2), round_up(width, 2))
+        if needs_padding((height, width), padded_size):
+            pad = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
+            input_feature = F.pad(input_feature, pad)
+        return input_feature
 
 
 class SemaskStage(nn.Module):
@@ -252,7 +322,7 @@ class SemaskStage(nn.Module):
         dim = config.embed_dim * 2**index
         self.blocks = nn.ModuleList(
             [
-                SwinLayer(
+                SemaskSwinLayer(
                     config,
                     dim,
                     input_resolution=None,
@@ -270,15 +340,14 @@ class SemaskStage(nn.Module):
             if num_semantic_blocks
             else None
         )
-        self.downsample = SwinPatchMerging(dim) if index < config.num_layers - 1 else None
+        self.downsample = SemaskPatchMerging(dim) if index < config.num_layers - 1 else None
 
     def forward(
         self, hidden_states: torch.Tensor, size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Returns the stage output, its semantic prior map (or None) and the input of the next stage."""
         for block in self.blocks:
-            # always_partition: a window larger than the map is padded, never shrunk (as in the original)
-            hidden_states, _ = block(hidden_states, size, always_partition=True)
+            hidden_states, _ = block(hidden_states, size)
         prior = None
         if self.semantic_layer is not None:
             hidden_states, prior = self.semantic_layer(hidden_states, size)
@@ -465,7 +534,8 @@ class SemaskFPNHead(nn.Module):
     def _sum_at_first_size(self, maps: list[torch.Tensor]) -> torch.Tensor:
         output = maps[0]
         for feature_map in maps[1:]:
-            if feature_map.shape[-2:] != output.shape[-2:]:
+            # resizing to the same size is an exact copy: always done while exporting, where sizes are symbolic
+            if torch.compiler.is_exporting() or feature_map.shape[-2:] != output.shape[-2:]:
                 feature_map = F.interpolate(
                     feature_map, size=output.shape[-2:], mode="bilinear", align_corners=self.align_corners
                 )
