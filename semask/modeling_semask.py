@@ -557,15 +557,31 @@ class SemaskFPNHead(nn.Module):
             [self._run_scale_head(head, x) for head, x in zip(self.scale_heads, feature_maps)]
         )
         logits = self.classifier(self.dropout(fused))
-        semantic_logits = None
-        if semantic_priors is not None:
-            upsampled = []
-            for index, prior in enumerate(semantic_priors):
-                for _ in range(index):
-                    prior = self.upsample(prior)
-                upsampled.append(prior)
-            semantic_logits = self._sum_at_first_size(upsampled)
+        semantic_logits = None if semantic_priors is None else self._semantic_branch(semantic_priors)
         return logits, semantic_logits
+
+    def _semantic_branch(self, priors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The sum of the priors, prior i upsampled x2 i times (and resized to the first size if they differ).
+
+        When each prior is exactly half the size of the one before, the sum is accumulated coarse to fine,
+        `p0 + up(p1 + up(p2 + up(p3)))`: bilinear upsampling is linear, so this is the same sum (up to float
+        rounding) with half the upsampling.
+        """
+        sizes = [prior.shape[-2:] for prior in priors]
+        # (no test on symbolic sizes while exporting: it would restrict the exported graph to one case)
+        if not torch.compiler.is_exporting() and all(
+            2 * small[0] == big[0] and 2 * small[1] == big[1] for big, small in zip(sizes, sizes[1:])
+        ):
+            total = priors[-1]
+            for prior in reversed(priors[:-1]):
+                total = prior + self.upsample(total)
+            return total
+        upsampled = []
+        for index, prior in enumerate(priors):
+            for _ in range(index):
+                prior = self.upsample(prior)
+            upsampled.append(prior)
+        return self._sum_at_first_size(upsampled)
 
 
 @contextmanager

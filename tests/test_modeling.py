@@ -249,3 +249,18 @@ def test_ignore_index_labels_are_accepted():
 def test_config_validation(kwargs, message):
     with pytest.raises(StrictDataclassClassValidationError, match=message):
         SemaskConfig(**kwargs)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (36, 52)])  # halving stage sizes, and sizes that do not halve
+def test_semantic_branch_equals_the_sum_of_upsampled_priors(size):
+    torch.manual_seed(0)
+    model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
+    with torch.no_grad():
+        priors = model.semask(torch.randn(2, 3, *size)).semantic_priors
+        semantic_logits = model.decode_head._semantic_branch(priors)
+    upsampled = []
+    for index, prior in enumerate(priors):  # the original: each prior upsampled x2 `index` times, then summed
+        for _ in range(index):
+            prior = F.interpolate(prior, scale_factor=2, mode="bilinear", align_corners=False)
+        upsampled.append(F.interpolate(prior, size=priors[0].shape[-2:], mode="bilinear", align_corners=False))
+    torch.testing.assert_close(semantic_logits, sum(upsampled), atol=1e-5, rtol=1e-5)
