@@ -148,7 +148,7 @@ def test_activation_checkpointing_and_auxiliary_losses():
     loss, gradients = loss_and_gradients()
     model.activation_checkpointing_enable()
     checkpointed = {type(module).__name__ for module in model.modules() if getattr(module, "gradient_checkpointing", 0)}
-    assert {"SwinLayer", "SemaskSemanticLayer", "Mask2FormerMaskedAttentionDecoderLayer"} <= checkpointed
+    assert {"SemaskSwinLayer", "SemaskSemanticLayer", "Mask2FormerMaskedAttentionDecoderLayer"} <= checkpointed
     checkpointed_loss, checkpointed_gradients = loss_and_gradients()
     torch.testing.assert_close(checkpointed_loss, loss)
     torch.testing.assert_close(checkpointed_gradients, gradients)
