@@ -17,8 +17,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    if args.output.exists() and not args.overwrite:
-        parser.error(f"{args.output} exists: pass --overwrite to replace it")
     model = SemaskForSemanticSegmentation.from_pretrained(args.model).eval()
     export_onnx(model, args.output, example_size=args.example_size, opset=args.opset, overwrite=args.overwrite)
     print(f"Wrote {args.output}")

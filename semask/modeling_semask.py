@@ -276,8 +276,11 @@ class SemaskSwinLayer(SwinLayer):
 
     def maybe_pad(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         window = self.window_size
-        pad_values = (0, 0, 0, round_up(width, window) - width, 0, round_up(height, window) - height)
-        return F.pad(hidden_states, pad_values), pad_values
+        padded_size = (round_up(height, window), round_up(width, window))
+        pad_values = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
+        if needs_padding((height, width), padded_size):
+            hidden_states = F.pad(hidden_states, pad_values)
+        return hidden_states, pad_values
 
     def forward(
         self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], **kwargs
