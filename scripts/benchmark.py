@@ -6,8 +6,11 @@ Every case runs in its own subprocess (so peak memory is the case's own) with ra
 min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
 against a GEMM rate measured on the spot (in each case's process, after its timed runs), for inference or a
 training step (forward + backward + AdamW step).
-Ratios compare each case's median time with the reference model's in the same setting. Compiled inference uses
-inductor's freezing (`torch._inductor.config.freezing = True`).
+Ratios compare each case's median time with the reference model's in the same setting. With `--rounds N` the
+cases take turns N times (A B A B ...) and the statistics cover all their runs: the machine's speed drifts by
+several percent over minutes, which would otherwise land on whichever case runs at the time. Compiled inference
+uses inductor's freezing (`torch._inductor.config.freezing = True`). FLOPs include oneDNN's fused linear kernel
+(semask's CPU inference path) and SDPA's CPU flash kernel, which FlopCounterMode has no formula for.
 
 Peak memory: `peak_mb` is the most tensor memory alive during one step, as `torch.cuda.max_memory_allocated` on
 GPUs; on CPUs it is the bytes of the tensors alive before the step (weights, gradients, optimiser state, inputs)
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -80,6 +83,22 @@ def build_model(case: Case) -> torch.nn.Module:
         config = SegformerConfig(**SEGFORMER_WIDE, **SEGFORMER_SIZES[case.size], num_labels=NUM_LABELS)
         return SegformerForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
     raise ValueError(f"Unknown model {case.model!r}; expected one of {MODELS}.")
+
+
+def _onednn_linear_flop(input_shape, *args, out_shape, **kwargs) -> int:
+    return 2 * torch.Size(out_shape).numel() * input_shape[-1]
+
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# kernels FlopCounterMode has no formula for: oneDNN's fused linear (semask's CPU inference path, both overloads)
+# and SDPA's CPU flash kernel
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop,
+}
 
 
 def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -151,7 +170,7 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss in {case}")
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         step()
     first_call = _timed(step)  # includes compilation when compiling
     for _ in range(warmup):
@@ -174,6 +193,7 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "times_s": times,
         "peak_mb": peak_mb,
         "rss_mb": rss_mb,
         "gemm_gflop_per_s": gemm,
@@ -188,6 +208,24 @@ def run_in_subprocess(case: Case, args: argparse.Namespace) -> dict:
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One case's results from several rounds: statistics over all timed runs, the highest memory peaks, the
+    median GEMM rate, and the first round's first call."""
+    if any("error" in result for result in results):
+        return next(result for result in results if "error" in result)
+    times = [time for result in results for time in result["times_s"]]
+    return {
+        **results[0],
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "peak_mb": max(result["peak_mb"] for result in results),
+        "rss_mb": max(result["rss_mb"] for result in results),
+        "gemm_gflop_per_s": statistics.median(result["gemm_gflop_per_s"] for result in results),
+    }
 
 
 def cases_from_args(args: argparse.Namespace) -> list[Case]:
@@ -279,6 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run all cases this many times in turn; statistics cover all runs"
+    )
     parser.add_argument("--json", type=Path, help="write all rows as JSON")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print its JSON
@@ -295,10 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     if "bf16" in args.dtypes:
         peaks["bf16"] = gemm_gflops(torch.bfloat16)
     print("GEMM rate at the start (2048x2048 matmul): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
-    rows = []
-    for case in cases_from_args(args):
-        rows.append({**asdict(case), **run_in_subprocess(case, args)})
-        print(json.dumps(rows[-1]), flush=True)
+    cases = cases_from_args(args)
+    results = {case: [] for case in cases}
+    for _ in range(args.rounds):  # the cases take turns, so that the machine's drift reaches them all alike
+        for case in cases:
+            results[case].append(run_in_subprocess(case, args))
+            print(json.dumps({**asdict(case), **results[case][-1]}), flush=True)
+    rows = [{**asdict(case), **merge_rounds(results[case])} for case in cases]
     add_ratios(rows, args.reference)
     table = markdown_table(rows)
     print(table)

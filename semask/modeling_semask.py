@@ -34,6 +34,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import SemaskConfig, settings_equal
+from .fused_linear import FusedLinear, linear, linear_gelu, use_fused_linears
 from .presets import fpn_semantic_attention
 
 logger = logging.get_logger(__name__)
@@ -186,10 +187,10 @@ class SemaskSemanticAttention(nn.Module):
         super().__init__()
         self.config = config
         self.is_causal = False
-        self.q_proj = nn.Linear(dim, config.num_labels)
-        self.k_proj = nn.Linear(dim, config.num_labels)
-        self.v_proj = nn.Linear(dim, dim)
-        self.o_proj = nn.Linear(dim, dim)
+        self.q_proj = FusedLinear(dim, config.num_labels)
+        self.k_proj = FusedLinear(dim, config.num_labels)
+        self.v_proj = FusedLinear(dim, dim)
+        self.o_proj = FusedLinear(dim, dim)
         self.dropout = nn.Dropout(config.semantic_dropout_prob)
         self.gamma = nn.Parameter(torch.zeros(1))
 
@@ -199,7 +200,11 @@ class SemaskSemanticAttention(nn.Module):
         value = self.v_proj(hidden_states)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             attn_output, attn_weights = self._attention(prior.float(), key.float(), value.float())
-        hidden_states = hidden_states + self.gamma * self.dropout(self.o_proj(attn_output.to(value.dtype)))
+        attn_output = attn_output.to(value.dtype)
+        if self.training:
+            hidden_states = hidden_states + self.gamma * self.dropout(self.o_proj(attn_output))
+        else:
+            hidden_states = linear(attn_output, self.o_proj, residual=hidden_states, scale=self.gamma)
         return hidden_states, prior, attn_weights
 
     def _attention(
@@ -272,7 +277,13 @@ class SemaskSwinLayer(SwinLayer):
     """transformers' `SwinLayer` (same weights and computation) with no branch on the map size, for torch.export.
 
     Windows always partition the map: a window larger than the map is padded, never shrunk (as in the original).
+    Its linear layers run on oneDNN's fused kernels in CPU inference (see `fused_linear`).
     """
+
+    def __init__(self, config: SemaskConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        use_fused_linears(self)
+        self.exact_gelu = config.hidden_act == "gelu"
 
     def maybe_pad(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         window = self.window_size
@@ -302,12 +313,22 @@ class SemaskSwinLayer(SwinLayer):
             # a copy rather than .contiguous(), which would ask whether the (symbolic) crop happens to be contiguous
             attention_windows = attention_windows[:, :height, :width].clone(memory_format=torch.contiguous_format)
         hidden_states = shortcut + self.drop_path(attention_windows.view(batch_size, height * width, channels))
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states, attn_weights
+        return self._add_mlp(hidden_states), attn_weights
+
+    def _add_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states + dropout(mlp(layernorm_after(hidden_states)))`, fused where inference allows it."""
+        normed = self.layernorm_after(hidden_states)
+        if self.training or not self.exact_gelu:
+            return hidden_states + self.dropout(self.mlp(normed))
+        return linear(linear_gelu(normed, self.mlp.fc1), self.mlp.fc2, residual=hidden_states)
 
 
 class SemaskPatchMerging(SwinPatchMerging):
-    """transformers' `SwinPatchMerging` with no branch on the map size while exporting."""
+    """transformers' `SwinPatchMerging` with no branch on the map size while exporting, and a `FusedLinear`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        use_fused_linears(self)
 
     def maybe_pad(self, input_feature: torch.Tensor, height: int, width: int) -> torch.Tensor:
         padded_size = (round_up(height, 2), round_up(width, 2))

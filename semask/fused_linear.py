@@ -1,0 +1,62 @@
+"""Linear layers that run on oneDNN's fused kernels for inference on CPUs.
+
+On CPUs `F.linear` runs on BLAS; oneDNN's linear kernel (the one inductor's frozen CPU graphs call) is faster for
+Swin's narrow layers (96 to 768 channels, 150 classes) and applies an exact GELU or adds a residual while it writes
+the output, which saves a pass over memory. It is used only where it computes the same function: float32 tensors
+on CPU, nothing that needs gradients, no autocast, and not inside torch.compile / torch.export (inductor makes its
+own choice there). Everywhere else these functions are `F.linear` followed by the same activation or addition.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def onednn_applies(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's CPU linear kernel computes `inputs @ weightᵀ` here (see the module docstring)."""
+    return (
+        inputs.device.type == "cpu"
+        and inputs.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def linear(
+    inputs: torch.Tensor, layer: nn.Linear, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`residual + scale * layer(inputs)`, where `residual` and `scale` are optional."""
+    weight, bias = layer.weight, layer.bias
+    if not onednn_applies(inputs, weight):
+        outputs = F.linear(inputs, weight, bias)
+        outputs = outputs if scale is None else scale * outputs
+        return outputs if residual is None else residual + outputs
+    if scale is not None:  # folded into the (small) weights: the kernel then adds the residual
+        weight, bias = scale * weight, None if bias is None else scale * bias
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise.default(inputs, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, weight, bias, "add")
+
+
+def linear_gelu(inputs: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`gelu(layer(inputs))` with the exact (erf) GELU."""
+    if not onednn_applies(inputs, layer.weight):
+        return F.gelu(F.linear(inputs, layer.weight, layer.bias))
+    return torch.ops.mkldnn._linear_pointwise.default(inputs, layer.weight, layer.bias, "gelu", [], "none")
+
+
+class FusedLinear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict keys) that runs on oneDNN where `onednn_applies`."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return linear(inputs, self)
+
+
+def use_fused_linears(module: nn.Module) -> None:
+    """Turn the plain `nn.Linear` layers inside `module` into `FusedLinear` (a class change: weights stay)."""
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = FusedLinear
