@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the tables of docs/benchmarks.md (about 25 minutes on 2 CPU cores; run on a quiet machine).
+# Regenerate the tables of docs/benchmarks.md (about 35 minutes on 2 CPU cores; run on a quiet machine).
 # Each command writes one Markdown table (with its command line and GEMM rate) under docs/benchmarks/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,9 @@ run() { .venv/bin/python scripts/benchmark.py --threads "${THREADS:-2}" "$@"; }
 mkdir -p docs/benchmarks
 # SeMask-T against its plain Swin-FPN, UperNet+Swin-T and Segformer-B2, at a small size and the crop size.
 run --sizes tiny --resolutions 256 512 --attention sdpa eager --runs 5 --warmup 2 --markdown docs/benchmarks/inference-tiny.md
+# The semantic layers' overhead: SeMask-T against its plain Swin-T FPN, the cases taking turns over 5 rounds.
+run --sizes tiny --models semask swin-fpn --attention sdpa eager --reference swin-fpn --runs 5 --warmup 1 --rounds 5 \
+  --markdown docs/benchmarks/overhead-tiny.md
 # A larger batch.
 run --sizes tiny --batch-sizes 4 --models semask swin-fpn --attention sdpa eager --runs 3 --warmup 1 \
   --markdown docs/benchmarks/inference-tiny-batch4.md

@@ -312,7 +312,11 @@ class SemaskSwinLayer(SwinLayer):
         if needs_padding((height, width), (height_pad, width_pad)):
             # a copy rather than .contiguous(), which would ask whether the (symbolic) crop happens to be contiguous
             attention_windows = attention_windows[:, :height, :width].clone(memory_format=torch.contiguous_format)
-        hidden_states = shortcut + self.drop_path(attention_windows.view(batch_size, height * width, channels))
+        attention_windows = attention_windows.view(batch_size, height * width, channels)
+        if self.training:
+            hidden_states = shortcut + self.drop_path(attention_windows)
+        else:  # the merged windows are this call's own copy: add the shortcut into it
+            hidden_states = attention_windows.add_(shortcut)
         return self._add_mlp(hidden_states), attn_weights
 
     def _add_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -555,7 +559,8 @@ class SemaskFPNHead(nn.Module):
                 layers.append(self._upsample())
         return nn.Sequential(*layers)
 
-    def _sum_at_first_size(self, maps: list[torch.Tensor]) -> torch.Tensor:
+    def _sum_at_first_size(self, maps: list[torch.Tensor], into_first: bool = False) -> torch.Tensor:
+        """The sum of `maps`, each resized to the first one's size; `into_first` adds in place into `maps[0]`."""
         output = maps[0]
         for feature_map in maps[1:]:
             # resizing to the same size is an exact copy: always done while exporting, where sizes are symbolic
@@ -563,7 +568,7 @@ class SemaskFPNHead(nn.Module):
                 feature_map = F.interpolate(
                     feature_map, size=output.shape[-2:], mode="bilinear", align_corners=self.align_corners
                 )
-            output = output + feature_map
+            output = output.add_(feature_map) if into_first else output + feature_map
         return output
 
     def _run_scale_head(self, head: nn.Sequential, feature_map: torch.Tensor) -> torch.Tensor:
@@ -577,9 +582,9 @@ class SemaskFPNHead(nn.Module):
     def forward(
         self, feature_maps: tuple[torch.Tensor, ...], semantic_priors: tuple[torch.Tensor, ...] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        fused = self._sum_at_first_size(
-            [self._run_scale_head(head, x) for head, x in zip(self.scale_heads, feature_maps)]
-        )
+        scale_maps = [self._run_scale_head(head, x) for head, x in zip(self.scale_heads, feature_maps)]
+        # without autograd the scale maps are temporaries: summing in place saves allocating full-size maps
+        fused = self._sum_at_first_size(scale_maps, into_first=not torch.is_grad_enabled())
         logits = self.classifier(self.dropout(fused))
         semantic_logits = None if semantic_priors is None else self._semantic_branch(semantic_priors)
         return logits, semantic_logits
@@ -598,7 +603,7 @@ class SemaskFPNHead(nn.Module):
         ):
             total = priors[-1]
             for prior in reversed(priors[:-1]):
-                total = prior + self.upsample(total)
+                total = self.upsample(total).add_(prior)  # (upsampling's backward does not need its output)
             return total
         upsampled = []
         for index, prior in enumerate(priors):
