@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.swin.modeling_swin import (
+    SwinAttention,
     SwinLayer,
     SwinPatchEmbeddings,
     SwinPatchMerging,
@@ -273,6 +274,39 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         return merged.view(merged.shape[0], size[0] * size[1], channels)
 
 
+class SemaskSwinAttention(SwinAttention):
+    """transformers' `SwinAttention`; in SDPA mode on CPUs, without autograd, the windows attend through two
+    batched matmuls, adding the relative-position bias and the shift mask in place.
+
+    PyTorch's CPU SDPA kernel is slower than that on Swin's 49-token windows. Elsewhere (other devices, training,
+    torch.compile and export) this is transformers' attention.
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (
+            self.config._attn_implementation != "sdpa"
+            or hidden_states.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+        ):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        windows, tokens, channels = hidden_states.shape
+        heads_shape = (windows, tokens, self.num_attention_heads, self.head_dim)
+        query, key, value = (
+            projection(hidden_states).view(heads_shape).transpose(1, 2)
+            for projection in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        scores = torch.matmul(query, key.transpose(2, 3)).mul_(self.scaling).add_(self.relative_position_bias())
+        if attention_mask is not None:  # (windows per image, tokens, tokens), the same for every image
+            scores.view(-1, *attention_mask.shape[:1], *scores.shape[1:]).add_(attention_mask.unsqueeze(1))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        output = torch.matmul(weights, value).transpose(1, 2).reshape(windows, tokens, channels)
+        return self.o_proj(output), None
+
+
 class SemaskSwinLayer(SwinLayer):
     """transformers' `SwinLayer` (same weights and computation) with no branch on the map size, for torch.export.
 
@@ -280,8 +314,11 @@ class SemaskSwinLayer(SwinLayer):
     Its linear layers run on oneDNN's fused kernels in CPU inference (see `fused_linear`).
     """
 
-    def __init__(self, config: SemaskConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
+    def __init__(
+        self, config: SemaskConfig, dim: int, num_heads: int, drop_path_rate: float = 0.0, shift_size: int = 0
+    ):
+        super().__init__(config, dim, None, num_heads, drop_path_rate=drop_path_rate, shift_size=shift_size)
+        self.attention = SemaskSwinAttention(config, dim, num_heads, window_size=config.window_size)
         use_fused_linears(self)
         self.exact_gelu = config.hidden_act == "gelu"
 
@@ -353,7 +390,6 @@ class SemaskStage(nn.Module):
                 SemaskSwinLayer(
                     config,
                     dim,
-                    input_resolution=None,
                     num_heads=config.num_heads[index],
                     drop_path_rate=rate,
                     shift_size=0 if block_index % 2 == 0 else config.window_size // 2,
@@ -530,6 +566,8 @@ class SemaskFPNHead(nn.Module):
     Stage i passes through max(1, i) blocks of Conv3x3-BN-ReLU, each followed by a x2 bilinear upsample when
     i > 0; the semantic branch upsamples stage i's prior x2, i times. Each branch sums its maps at stride 4
     (resizing when odd input sizes make them differ); the FPN sum then goes through Dropout2d and a 1x1 classifier.
+    Upsampling is linear, so maps about to be upsampled from one size are summed first and upsampled once: the same
+    sums up to float rounding, with fewer full-size maps.
     With gradient checkpointing, each stage's convolution chain is recomputed in the backward pass.
     """
 
@@ -582,12 +620,29 @@ class SemaskFPNHead(nn.Module):
     def forward(
         self, feature_maps: tuple[torch.Tensor, ...], semantic_priors: tuple[torch.Tensor, ...] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        scale_maps = [self._run_scale_head(head, x) for head, x in zip(self.scale_heads, feature_maps)]
-        # without autograd the scale maps are temporaries: summing in place saves allocating full-size maps
-        fused = self._sum_at_first_size(scale_maps, into_first=not torch.is_grad_enabled())
-        logits = self.classifier(self.dropout(fused))
+        logits = self.classifier(self.dropout(self._fpn_sum(feature_maps)))
         semantic_logits = None if semantic_priors is None else self._semantic_branch(semantic_priors)
         return logits, semantic_logits
+
+    def _fpn_sum(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The scale heads' outputs summed at the first one's size.
+
+        The heads after the first end with the same x2 upsample: when their maps before it share a size (always
+        but for some odd input sizes), these maps are summed and upsampled once.
+        """
+        # without autograd the maps are this call's temporaries: summing in place saves allocating full-size maps
+        in_place = not torch.is_grad_enabled()
+        first = self._run_scale_head(self.scale_heads[0], feature_maps[0])
+        heads = self.scale_heads[1:]
+        before_upsample = [self._run_scale_head(head[:-1], x) for head, x in zip(heads, feature_maps[1:])]
+        if not before_upsample:
+            return first
+        # (no test on symbolic sizes while exporting: it would restrict the exported graph to one case)
+        if torch.compiler.is_exporting() or len({tuple(x.shape[-2:]) for x in before_upsample}) > 1:
+            upsampled = [head[-1](x) for head, x in zip(heads, before_upsample)]
+            return self._sum_at_first_size([first, *upsampled], into_first=in_place)
+        upsampled = self.upsample(self._sum_at_first_size(before_upsample, into_first=in_place))
+        return self._sum_at_first_size([first, upsampled], into_first=in_place)
 
     def _semantic_branch(self, priors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The sum of the priors, prior i upsampled x2 i times (and resized to the first size if they differ).

@@ -251,6 +251,25 @@ def test_config_validation(kwargs, message):
         SemaskConfig(**kwargs)
 
 
+# halving stage sizes; maps before the last upsample of one size but twice it is not the first size; other sizes
+@pytest.mark.parametrize("size", [(64, 96), (60, 60), (36, 52)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fpn_sum_equals_the_sum_of_each_scale_head(size, grad):
+    torch.manual_seed(0)
+    model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
+    with torch.no_grad():
+        feature_maps = model.semask(torch.randn(2, 3, *size)).feature_maps
+    head = model.decode_head
+    with torch.set_grad_enabled(grad):
+        fused = head._fpn_sum(feature_maps)
+        # the original: every scale head in full (its upsamples included), each resized to the first size, summed
+        outputs = [scale_head(x) for scale_head, x in zip(head.scale_heads, feature_maps)]
+        size0 = outputs[0].shape[-2:]
+        expected = sum(F.interpolate(x, size=size0, mode="bilinear", align_corners=False) for x in outputs)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    assert fused.requires_grad == grad
+
+
 @pytest.mark.parametrize("size", [(64, 96), (36, 52)])  # halving stage sizes, and sizes that do not halve
 def test_semantic_branch_equals_the_sum_of_upsampled_priors(size):
     torch.manual_seed(0)
@@ -264,3 +283,19 @@ def test_semantic_branch_equals_the_sum_of_upsampled_priors(size):
             prior = F.interpolate(prior, scale_factor=2, mode="bilinear", align_corners=False)
         upsampled.append(F.interpolate(prior, size=priors[0].shape[-2:], mode="bilinear", align_corners=False))
     torch.testing.assert_close(semantic_logits, sum(upsampled), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_window_attention_without_autograd_matches_sdpa(monkeypatch):
+    """On CPUs without autograd, SDPA mode runs the windows' attention as batched matmuls: same outputs."""
+    model = tiny_model().eval()
+    assert model.config._attn_implementation == "sdpa"
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    pixel_values = torch.randn(2, 3, 45, 61)  # padded windows, shifted and not
+    with torch.no_grad():
+        batched_matmuls = model(pixel_values).logits
+    assert not sdpa_calls
+    reference = model(pixel_values).logits.detach()  # with autograd: transformers' SDPA path
+    assert len(sdpa_calls) == sum(model.config.depths)
+    torch.testing.assert_close(batched_matmuls, reference, atol=1e-5, rtol=1e-5)
