@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the tables of docs/benchmarks.md (about 35 minutes on 2 CPU cores; run on a quiet machine).
+# Regenerate the tables of docs/benchmarks.md (about 50 minutes on 2 CPU cores; run on a quiet machine).
 # Each command writes one Markdown table (with its command line and GEMM rate) under docs/benchmarks/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +12,10 @@ run --sizes tiny --resolutions 256 512 --attention sdpa eager --runs 5 --warmup 
 run --sizes tiny --models semask swin-fpn --attention sdpa eager --reference swin-fpn --runs 5 --warmup 1 --rounds 5 \
   --markdown docs/benchmarks/overhead-tiny.md
 # A larger batch.
-run --sizes tiny --batch-sizes 4 --models semask swin-fpn --attention sdpa eager --runs 3 --warmup 1 \
+run --sizes tiny --batch-sizes 4 --models semask swin-fpn --attention sdpa eager --runs 3 --warmup 1 --rounds 3 \
   --markdown docs/benchmarks/inference-tiny-batch4.md
 # The larger presets at their crop sizes.
-run --sizes small base large --models semask swin-fpn --attention sdpa eager --runs 3 --warmup 1 \
+run --sizes small base large --models semask swin-fpn --attention sdpa eager --runs 2 --warmup 1 --rounds 3 \
   --markdown docs/benchmarks/inference-presets.md
 # bf16 autocast and torch.compile.
 run --sizes tiny --models semask swin-fpn --dtypes fp32 bf16 --compile off on --runs 5 --warmup 2 \

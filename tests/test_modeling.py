@@ -296,6 +296,8 @@ def test_cpu_window_attention_without_autograd_matches_sdpa(monkeypatch):
     with torch.no_grad():
         batched_matmuls = model(pixel_values).logits
     assert not sdpa_calls
-    reference = model(pixel_values).logits.detach()  # with autograd: transformers' SDPA path
+    reference = model(pixel_values).logits  # with autograd: transformers' SDPA path
     assert len(sdpa_calls) == sum(model.config.depths)
-    torch.testing.assert_close(batched_matmuls, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched_matmuls, reference.detach(), atol=1e-5, rtol=1e-5)
+    reference.sum().backward()  # the in-place residual adds of inference mode leave autograd intact
+    assert all(p.grad is not None for p in model.semask.encoder.layers[0].blocks[0].parameters())
