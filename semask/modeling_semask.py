@@ -29,13 +29,12 @@ from transformers.models.swin.modeling_swin import (
     window_partition,
     window_reverse,
 )
-from transformers.models.upernet.modeling_upernet import UperNetConvModule
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import SemaskConfig, settings_equal
-from .fused_linear import FusedLinear, linear, linear_gelu, use_fused_linears
+from .fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, use_fused_linears
 from .presets import fpn_semantic_attention
 
 logger = logging.get_logger(__name__)
@@ -240,12 +239,16 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: SemaskConfig, dim: int, num_blocks: int, window_size: int | None):
         super().__init__()
+        self.config = config
         self.layernorm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList([SemaskSemanticAttention(config, dim) for _ in range(num_blocks)])
         self.window_size = window_size
 
     def forward(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, _, channels = hidden_states.shape
+        if batch_size > 1 and self._runs_image_by_image():
+            outputs = [self(image, size) for image in hidden_states.split(1)]
+            return torch.cat([output for output, _ in outputs]), torch.cat([prior for _, prior in outputs])
         height, width = size
         hidden_states = self.layernorm(hidden_states)
         if self.window_size is not None:
@@ -262,6 +265,20 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
             hidden_states = self._merge_windows(hidden_states, padded_size, size)
             prior = self._merge_windows(prior, padded_size, size)
         return hidden_states, tokens_to_map(prior, size)
+
+    def _runs_image_by_image(self) -> bool:
+        """Whether a batch goes through one image at a time: in inference without autograd (not while compiling
+        or exporting), in SDPA mode (eager mode records each block's attention weights for the whole batch).
+
+        The results are the same, and the temporaries (class scores, values, attention weights: large in early
+        stages) are one image's size, which the allocator reuses instead of mapping fresh memory for each of them.
+        """
+        return not (
+            torch.is_grad_enabled()
+            or self.config._attn_implementation == "eager"
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+        )
 
     def _merge_windows(
         self, windows: torch.Tensor, padded_size: tuple[int, int], size: tuple[int, int]
@@ -311,7 +328,7 @@ class SemaskSwinLayer(SwinLayer):
     """transformers' `SwinLayer` (same weights and computation) with no branch on the map size, for torch.export.
 
     Windows always partition the map: a window larger than the map is padded, never shrunk (as in the original).
-    Its linear layers run on oneDNN's fused kernels in CPU inference (see `fused_linear`).
+    Its linear layers run on oneDNN's fused kernels in CPU inference (see `fused_kernels`).
     """
 
     def __init__(
@@ -592,7 +609,7 @@ class SemaskFPNHead(nn.Module):
     def _scale_head(self, in_channels: int, channels: int, index: int) -> nn.Sequential:
         layers = []
         for step in range(max(1, index)):
-            layers.append(UperNetConvModule(in_channels if step == 0 else channels, channels, 3, padding=1))
+            layers.append(FusedConvModule(in_channels if step == 0 else channels, channels, 3, padding=1))
             if index > 0:
                 layers.append(self._upsample())
         return nn.Sequential(*layers)

@@ -9,6 +9,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from conftest import tiny_config_kwargs, train_steps
 from semask import SemaskConfig, SemaskForSemanticSegmentation, SemaskModel
+from semask.modeling_semask import SemaskSemanticAttention
 
 
 def tiny_model(seed: int = 0, **overrides) -> SemaskForSemanticSegmentation:
@@ -301,3 +302,31 @@ def test_cpu_window_attention_without_autograd_matches_sdpa(monkeypatch):
     torch.testing.assert_close(batched_matmuls, reference.detach(), atol=1e-5, rtol=1e-5)
     reference.sum().backward()  # the in-place residual adds of inference mode leave autograd intact
     assert all(p.grad is not None for p in model.semask.encoder.layers[0].blocks[0].parameters())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_semantic_layers_take_one_image_at_a_time_in_sdpa_inference(monkeypatch, attention):
+    """Without autograd in SDPA mode, a batch goes through the semantic layers image by image: same outputs."""
+    model = tiny_model().eval()
+    model.set_attn_implementation(attention)
+    windows_seen = []
+    forward = SemaskSemanticAttention.forward
+    monkeypatch.setattr(
+        SemaskSemanticAttention, "forward", lambda self, x: windows_seen.append(len(x)) or forward(self, x)
+    )
+    pixel_values = torch.randn(3, 3, 45, 61)
+    reference = model(pixel_values)  # with autograd: the whole batch at once
+    batch_calls, windows_seen[:] = list(windows_seen), []
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    stages = len(model.config.depths)
+    assert len(batch_calls) == stages
+    if attention == "sdpa":
+        assert len(windows_seen) == 3 * stages
+        assert [3 * seen for seen in windows_seen[::3]] == batch_calls
+    else:
+        assert windows_seen == batch_calls
+    for name in ("logits", "semantic_logits"):
+        torch.testing.assert_close(outputs[name], reference[name].detach(), atol=1e-5, rtol=1e-5)
+    for prior, expected in zip(outputs.semantic_priors, reference.semantic_priors):
+        torch.testing.assert_close(prior, expected.detach(), atol=1e-5, rtol=1e-5)

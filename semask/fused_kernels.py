@@ -1,23 +1,25 @@
-"""Linear layers that run on oneDNN's fused kernels for inference on CPUs.
+"""Linear layers and Conv-BN-ReLU blocks that run on oneDNN's fused kernels for inference on CPUs.
 
 On CPUs `F.linear` runs on BLAS; oneDNN's linear kernel (the one inductor's frozen CPU graphs call) is faster for
 Swin's narrow layers (96 to 768 channels, 150 classes) and applies an exact GELU or adds a residual while it writes
-the output, which saves a pass over memory. It is used only where it computes the same function: float32 tensors
-on CPU, nothing that needs gradients, no autocast, and not inside torch.compile / torch.export (inductor makes its
-own choice there). Everywhere else these functions are `F.linear` followed by the same activation or addition.
+the output, which saves a pass over memory. Likewise a Conv-BN-ReLU block in eval mode is one oneDNN convolution
+with the batch norm folded into its weights and the ReLU applied as it writes. They are used only where they compute
+the same function: float32 tensors on CPU, nothing that needs gradients, no autocast, and not inside
+torch.compile / torch.export (inductor makes its own choice there). Everywhere else these are the plain modules.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.upernet.modeling_upernet import UperNetConvModule
 
 
 def onednn_applies(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's CPU linear kernel computes `inputs @ weightᵀ` here (see the module docstring)."""
+    """Whether oneDNN's CPU kernels compute the layer of `weight` on `inputs` here (see the module docstring)."""
     return (
         inputs.device.type == "cpu"
         and inputs.dtype == weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (inputs, weight)))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
@@ -60,3 +62,33 @@ def use_fused_linears(module: nn.Module) -> None:
     for child in module.modules():
         if type(child) is nn.Linear:
             child.__class__ = FusedLinear
+
+
+class FusedConvModule(UperNetConvModule):
+    """transformers' Conv-BN-ReLU block (same parameters and state-dict keys); in eval mode, where `onednn_applies`,
+    one oneDNN convolution with the batch norm's running statistics folded into its weights and a fused ReLU."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        conv, norm = self.conv, self.batch_norm
+        parameters = [p for p in (conv.weight, conv.bias, norm.weight, norm.bias) if p is not None]
+        folds = (
+            not norm.training
+            and norm.running_var is not None
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and type(self.activation) is nn.ReLU
+        )
+        if not (folds and all(onednn_applies(inputs, parameter) for parameter in parameters)):
+            return super().forward(inputs)
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        weight = conv.weight * scale.view(-1, *[1] * (conv.weight.ndim - 1))
+        return torch.ops.mkldnn._convolution_pointwise(
+            inputs, weight, shift, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], ""
+        )

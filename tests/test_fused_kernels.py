@@ -1,14 +1,15 @@
-"""oneDNN's fused linear kernels in CPU inference: same results as `F.linear`, used only where that holds."""
+"""oneDNN's fused linear and Conv-BN-ReLU kernels in CPU inference: same results as the plain layers, used only
+where that holds."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import semask.fused_linear as fused_linear
+import semask.fused_kernels as fused_kernels
 from conftest import tiny_config_kwargs
 from semask import SemaskConfig, SemaskForSemanticSegmentation
-from semask.fused_linear import FusedLinear, linear, linear_gelu, onednn_applies
+from semask.fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, onednn_applies
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -23,7 +24,7 @@ def counted_kernel_calls(monkeypatch) -> list[str]:
             calls.append(_name)
             return _kernel(*args)
 
-        monkeypatch.setattr(fused_linear.torch.ops.mkldnn._linear_pointwise, overload, recording)
+        monkeypatch.setattr(fused_kernels.torch.ops.mkldnn._linear_pointwise, overload, recording)
     return calls
 
 
@@ -82,11 +83,13 @@ def test_model_inference_on_fused_kernels_matches_blas(monkeypatch, attention):
     with torch.inference_mode():
         calls = counted_kernel_calls(monkeypatch)
         fused = model(pixel_values)
-        monkeypatch.setattr(fused_linear, "onednn_applies", lambda *args: False)
+        monkeypatch.setattr(fused_kernels, "onednn_applies", lambda *args: False)
         reference = model(pixel_values)
-    # every Swin block adds its MLP as a fused residual; semantic blocks add their gated output the same way
+    # every Swin block adds its MLP as a fused residual; semantic blocks add their gated output the same way (in SDPA
+    # mode one image at a time)
     swin_blocks, semantic_blocks = sum(model.config.depths), sum(model.config.num_semantic_blocks)
-    assert calls.count("binary") == swin_blocks + semantic_blocks
+    images_apart = len(pixel_values) if attention == "sdpa" else 1
+    assert calls.count("binary") == swin_blocks + images_apart * semantic_blocks
     assert calls.count("default") > 4 * swin_blocks
     torch.testing.assert_close(fused.logits, reference.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.semantic_logits, reference.semantic_logits, atol=1e-5, rtol=1e-5)
@@ -104,3 +107,58 @@ def test_linear_layers_keep_their_names_and_weights():
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits)
+
+
+def randomized_conv_module(in_channels: int = 6, out_channels: int = 5) -> FusedConvModule:
+    torch.manual_seed(0)
+    module = FusedConvModule(in_channels, out_channels, 3, padding=1)
+    with torch.no_grad():
+        norm = module.batch_norm
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return module.eval()
+
+
+def counted_convolution_calls(monkeypatch) -> list[str]:
+    calls = []
+    kernel = torch.ops.mkldnn._convolution_pointwise.default
+
+    def recording(*args):
+        calls.append("convolution")
+        return kernel(*args)
+
+    monkeypatch.setattr(fused_kernels.torch.ops.mkldnn, "_convolution_pointwise", recording)
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_conv_module_matches_conv_bn_relu(monkeypatch, channels_last):
+    module = randomized_conv_module()
+    inputs = torch.randn(2, 6, 11, 9)
+    if channels_last:
+        inputs = inputs.to(memory_format=torch.channels_last)
+    conv, norm = module.conv, module.batch_norm
+    with torch.inference_mode():
+        calls = counted_convolution_calls(monkeypatch)
+        folded = module(inputs)
+        expected = F.relu(norm(conv(inputs)))
+    assert calls == ["convolution"]
+    assert (folded >= 0).all() and (folded == 0).any()
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_conv_module_only_in_eval_without_autograd(monkeypatch):
+    module = randomized_conv_module()
+    inputs = torch.randn(2, 6, 8, 8)
+    calls = counted_convolution_calls(monkeypatch)
+    module(inputs).sum().backward()  # eval mode, but the weights need gradients
+    assert module.conv.weight.grad is not None
+    with torch.no_grad():
+        module.double()(inputs.double())  # not float32
+        module.float().train()
+        running_mean = module.batch_norm.running_mean.clone()
+        module(inputs)  # training: batch statistics, which are then tracked
+    assert not torch.equal(module.batch_norm.running_mean, running_mean)
+    assert calls == []
