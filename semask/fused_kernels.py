@@ -43,6 +43,19 @@ def linear(
     return torch.ops.mkldnn._linear_pointwise.binary(inputs, residual, weight, bias, "add")
 
 
+def paired_linear(inputs: torch.Tensor, first: nn.Linear, second: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """`first(inputs), second(inputs)`; on oneDNN, one call with both layers' weights stacked (the two outputs are
+    then views of one tensor, with a row stride of both widths). Two 150-class projections run faster as one."""
+    if not (onednn_applies(inputs, first.weight) and onednn_applies(inputs, second.weight)):
+        return first(inputs), second(inputs)
+    layers = (first, second)
+    biases = [layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias for layer in layers]
+    outputs = torch.ops.mkldnn._linear_pointwise.default(
+        inputs, torch.cat([first.weight, second.weight]), torch.cat(biases), "none", [], ""
+    )
+    return outputs.split([first.out_features, second.out_features], dim=-1)
+
+
 def linear_gelu(inputs: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """`gelu(layer(inputs))` with the exact (erf) GELU."""
     if not onednn_applies(inputs, layer.weight):

@@ -34,7 +34,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import SemaskConfig, settings_equal
-from .fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, use_fused_linears
+from .fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, paired_linear, use_fused_linears
 from .presets import fpn_semantic_attention
 
 logger = logging.get_logger(__name__)
@@ -195,8 +195,7 @@ class SemaskSemanticAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        prior = self.q_proj(hidden_states)
-        key = self.k_proj(hidden_states)
+        prior, key = paired_linear(hidden_states, self.q_proj, self.k_proj)
         value = self.v_proj(hidden_states)
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             attn_output, attn_weights = self._attention(prior.float(), key.float(), value.float())
@@ -264,6 +263,8 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         if self.window_size is not None:
             hidden_states = self._merge_windows(hidden_states, padded_size, size)
             prior = self._merge_windows(prior, padded_size, size)
+        else:  # (the prior can be a view into the class scores of `paired_linear`)
+            prior = prior.contiguous()
         return hidden_states, tokens_to_map(prior, size)
 
     def _runs_image_by_image(self) -> bool:

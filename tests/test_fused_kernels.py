@@ -9,7 +9,7 @@ from torch import nn
 import semask.fused_kernels as fused_kernels
 from conftest import tiny_config_kwargs
 from semask import SemaskConfig, SemaskForSemanticSegmentation
-from semask.fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, onednn_applies
+from semask.fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, onednn_applies, paired_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -44,6 +44,23 @@ def test_fused_kernels_match_blas():
         torch.testing.assert_close(
             linear(inputs.transpose(0, 1), layer), expected.transpose(0, 1), atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_paired_linear_equals_both_layers(monkeypatch, bias):
+    torch.manual_seed(0)
+    first, second = nn.Linear(24, 15, bias=bias), nn.Linear(24, 15)
+    inputs = torch.randn(3, 49, 24)
+    calls = counted_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        paired = paired_linear(inputs, first, second)
+        for output, layer in zip(paired, (first, second)):
+            torch.testing.assert_close(output, F.linear(inputs, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls == ["default"]
+    assert paired[0].untyped_storage().data_ptr() == paired[1].untyped_storage().data_ptr()  # views of one call
+    separate = paired_linear(inputs, first, second)  # with autograd: each layer on its own
+    assert calls == ["default"] and separate[0].grad_fn is not None
+    torch.testing.assert_close(separate[0].detach(), paired[0])
 
 
 def test_fused_kernels_only_where_they_compute_the_same(monkeypatch):
