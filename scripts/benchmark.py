@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -89,14 +89,19 @@ def _onednn_linear_flop(input_shape, *args, out_shape, **kwargs) -> int:
     return 2 * torch.Size(out_shape).numel() * input_shape[-1]
 
 
+def _onednn_convolution_flop(input_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    return conv_flop_count(input_shape, weight_shape, out_shape)
+
+
 def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# kernels FlopCounterMode has no formula for: oneDNN's fused linear (semask's CPU inference path, both overloads)
-# and SDPA's CPU flash kernel
+# kernels FlopCounterMode has no formula for: oneDNN's fused linear and convolution (semask's CPU inference path,
+# both overloads) and SDPA's CPU flash kernel
 EXTRA_FLOP_FORMULAS = {
     torch.ops.mkldnn._linear_pointwise: _onednn_linear_flop,
+    torch.ops.mkldnn._convolution_pointwise: _onednn_convolution_flop,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop,
 }
 

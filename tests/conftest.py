@@ -1,7 +1,9 @@
 """Shared test set-up: offline Hub, a private HF cache, tiny configurations and the original fixtures."""
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,6 +19,14 @@ def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("HF_HOME", str(config.rootpath / ".pytest_cache" / "hf_home"))
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+def load_script(name: str) -> ModuleType:
+    """A command-line script of `scripts/`, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fpn_fixture_dir(name: str) -> Path:

@@ -1,6 +1,5 @@
 """The training recipe (augmentation, optimiser groups, schedule, OHEM, initialisation) and the training script."""
 
-import importlib.util
 import json
 import math
 
@@ -10,7 +9,7 @@ import torch
 from torchvision import tv_tensors
 from transformers import SwinConfig, SwinModel, TrainingArguments
 
-from conftest import REPO_ROOT, tiny_config_kwargs
+from conftest import load_script, tiny_config_kwargs
 from semask import SemaskConfig, SemaskForSemanticSegmentation
 from semask.image_processing_semask import SemaskImageProcessor
 from semask.training import (
@@ -28,13 +27,6 @@ from semask.training import (
 
 # Measured: the test configuration below reaches a validation mIoU of 0.71 (6 classes; chance is below 0.17).
 MIN_DEMO_MEAN_IOU = 0.5
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def half_and_half_pair(height=20, width=100):
