@@ -35,7 +35,8 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
     json_path, markdown_path = tmp_path / "rows.json", tmp_path / "table.md"
     benchmark.main(
         ["--models", "semask", "swin-fpn", "--reference", "swin-fpn", "--resolutions", "64", "--warmup", "0",
-         "--runs", "1", "--threads", "1", "--json", str(json_path), "--markdown", str(markdown_path)]
+         "--runs", "1", "--threads", str(torch.get_num_threads()),  # (main sets it for the whole process)
+         "--json", str(json_path), "--markdown", str(markdown_path)]
     )  # fmt: skip
     rows = json.loads(json_path.read_text())["rows"]
     assert [row["model"] for row in rows] == ["semask", "swin-fpn"]
