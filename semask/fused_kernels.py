@@ -11,6 +11,7 @@ torch.compile / torch.export (inductor makes its own choice there). Everywhere e
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from transformers.models.upernet.modeling_upernet import UperNetConvModule
 
 
@@ -93,15 +94,9 @@ class FusedConvModule(UperNetConvModule):
         )
         if not (folds and all(onednn_applies(inputs, parameter) for parameter in parameters)):
             return super().forward(inputs)
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale
-        if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias
-        weight = conv.weight * scale.view(-1, *[1] * (conv.weight.ndim - 1))
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+        )
         return torch.ops.mkldnn._convolution_pointwise(
-            inputs, weight, shift, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], ""
+            inputs, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], ""
         )
