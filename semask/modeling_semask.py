@@ -245,7 +245,7 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, _, channels = hidden_states.shape
-        if batch_size > 1 and self._runs_image_by_image():
+        if batch_size > 1 and self._runs_image_by_image(hidden_states):
             outputs = [self(image, size) for image in hidden_states.split(1)]
             return torch.cat([output for output, _ in outputs]), torch.cat([prior for _, prior in outputs])
         height, width = size
@@ -267,15 +267,17 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
             prior = prior.contiguous()
         return hidden_states, tokens_to_map(prior, size)
 
-    def _runs_image_by_image(self) -> bool:
-        """Whether a batch goes through one image at a time: in inference without autograd (not while compiling
-        or exporting), in SDPA mode (eager mode records each block's attention weights for the whole batch).
+    def _runs_image_by_image(self, hidden_states: torch.Tensor) -> bool:
+        """Whether a batch goes through one image at a time: in CPU inference without autograd (not while
+        compiling or exporting), in SDPA mode (eager mode records each block's attention weights for the whole batch).
 
         The results are the same, and the temporaries (class scores, values, attention weights: large in early
-        stages) are one image's size, which the allocator reuses instead of mapping fresh memory for each of them.
+        stages) are one image's size, which the CPU allocator reuses instead of mapping fresh memory for each of
+        them. (GPUs have a caching allocator, and run a whole batch faster.)
         """
         return not (
-            torch.is_grad_enabled()
+            hidden_states.device.type != "cpu"
+            or torch.is_grad_enabled()
             or self.config._attn_implementation == "eager"
             or torch.compiler.is_compiling()
             or torch.compiler.is_exporting()

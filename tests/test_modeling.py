@@ -306,7 +306,7 @@ def test_cpu_window_attention_without_autograd_matches_sdpa(monkeypatch):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_semantic_layers_take_one_image_at_a_time_in_sdpa_inference(monkeypatch, attention):
-    """Without autograd in SDPA mode, a batch goes through the semantic layers image by image: same outputs."""
+    """In CPU inference in SDPA mode, a batch goes through the semantic layers image by image: same outputs."""
     model = tiny_model().eval()
     model.set_attn_implementation(attention)
     windows_seen = []
