@@ -6,24 +6,28 @@ normalised with the ImageNet mean/std on the 0-255 scale, and optionally padded.
 with nearest-neighbour interpolation only, so their values are never interpolated.
 """
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, ImageInput, PILImageResampling, SizeDict, is_pil_image
 from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import TensorType
+from transformers.utils import TensorType, logging
 
-from .inference import MASK_STRIDE, semantic_inference
+from .inference import MASK_STRIDE, channel_format, semantic_inference
 from .presets import DATASET_PROCESSING
 
 try:  # OpenCV (what mmcv resizes with) makes the resize bit-exact; PyTorch is the fallback.
     import cv2
 except ImportError:
     cv2 = None
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = 255
 # mmsegmentation's `img_norm_cfg` (ImageNet statistics on the 0-255 scale): identical to the original pipeline.
@@ -64,7 +68,14 @@ def rescaled_size(height: int, width: int, shortest_edge: int, longest_edge: int
 def output_size(height: int, width: int, size: SizeDict) -> tuple[int, int]:
     """The resized (height, width) for `size`: keep-ratio fit (shortest/longest edge) or a fixed height x width."""
     if size.shortest_edge and size.longest_edge:
-        return rescaled_size(height, width, size.shortest_edge, size.longest_edge)
+        resized = rescaled_size(height, width, size.shortest_edge, size.longest_edge)
+        if min(resized) < 1:
+            raise ValueError(
+                f"Resizing {height}x{width} (HxW) to fit {size.longest_edge}x{size.shortest_edge} gives "
+                f"{resized[0]}x{resized[1]}: each side must stay >= 1 pixel (mmcv's rule int(side * scale + 0.5)); "
+                "crop or pad the image to a less extreme aspect ratio, or pass size={'height': H, 'width': W}."
+            )
+        return resized
     if size.height and size.width:
         return size.height, size.width
     raise ValueError(
@@ -91,8 +102,32 @@ def image_to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
+def sixteen_to_eight_bits(array: np.ndarray) -> np.ndarray:
+    """16-bit values scaled to 8 bits, `round(x * 255 / 65535)`: the one rule every entry point uses."""
+    return np.round(array.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An image as every entry point reads it: turned upright by its EXIF orientation, 16-bit grayscale scaled to
+    8 bits (not clipped, as `convert("RGB")` would), then RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = Image.fromarray(sixteen_to_eight_bits(image_to_array(image)))
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode the image file at `path` fully (as `upright_rgb`); a ValueError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return upright_rgb(image)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError, truncated or 0-byte files
+        raise ValueError(f"Cannot read image {path}: {error}") from error
+
+
 def as_rgb_uint_or_float(image: np.ndarray) -> np.ndarray:
-    """A channels-first image as 3-channel uint8 or float32 on the 0-255 scale (16-bit images are scaled)."""
+    """A channels-first image as 3-channel uint8 or float32 on the 0-255 scale (16-bit images scaled to 8 bits)."""
     channels = image.shape[0]
     if channels == 1:
         image = np.repeat(image, 3, axis=0)
@@ -100,10 +135,15 @@ def as_rgb_uint_or_float(image: np.ndarray) -> np.ndarray:
         image = image[:3]  # alpha dropped, as OpenCV's colour loading in the original does
     elif channels != 3:
         raise ValueError(f"Images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}.")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(
+            f"The image has {image.size - np.count_nonzero(np.isfinite(image))} non-finite (NaN or infinite) values; "
+            "pass finite float pixels on the 0-255 scale, or uint8/uint16 images."
+        )
     if image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating):
         return image
     if image.dtype == np.uint16:
-        return image.astype(np.float32) * (255.0 / 65535.0)
+        return sixteen_to_eight_bits(image)
     raise ValueError(
         f"Unsupported image dtype {image.dtype}: pass uint8 or uint16 images, or float images on the 0-255 scale."
     )
@@ -132,6 +172,11 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
     `SemaskImageProcessor.from_dataset("cityscapes")` gives the Cityscapes one (2048 x 1024, no reduction).
     `size={"height": H, "width": W}` resizes to a fixed size instead. Returns `pixel_values` (B, 3, H, W) and, with
     segmentation maps, `labels` (B, H, W) int64 where 255 is ignored.
+
+    Images are PIL images, (H, W[, C]) / (C, H, W) arrays or tensors with 1, 3 or 4 channels: uint8, uint16 (scaled to
+    8 bits) or float on the 0-255 scale (float images in [0, 1] need `do_rescale=True, rescale_factor=255.0`), finite,
+    at least 1x1. Without `input_data_format`, an array's channels are first when its first dimension is 1, 3 or 4,
+    except (1, W, 3 or 4), which is one row of RGB(A) pixels (`semask.inference.channel_format`).
     """
 
     valid_kwargs = SemaskImageProcessorKwargs
@@ -174,6 +219,8 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
     ) -> np.ndarray:
         """One image (RGB, 3 channels) or, with `do_convert_rgb=False`, one label map, channels first."""
         if is_pil_image(image):
+            if do_convert_rgb:
+                image = ImageOps.exif_transpose(image)
             if do_convert_rgb and image.mode not in ("L", "RGB", "RGBA") and not image.mode.startswith("I"):
                 image = image.convert("RGB")
             image = image_to_array(image)
@@ -182,7 +229,11 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
             image = image.detach().cpu().numpy()
         if do_convert_rgb and image.ndim == 3 and not {image.shape[0], image.shape[-1]} & {1, 3, 4}:
             raise ValueError(f"Images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got shape {image.shape}.")
+        if input_data_format is None and image.ndim == 3:
+            input_data_format = channel_format(image)
         array = super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format)
+        if 0 in array.shape[-2:]:
+            raise ValueError(f"Empty image ({array.shape[-2]}x{array.shape[-1]}, HxW): each side must be >= 1 pixel.")
         return as_rgb_uint_or_float(array) if do_convert_rgb else as_label_map(array)
 
     def resize(
@@ -266,6 +317,12 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
     ) -> list[np.ndarray]:
         processed = []
         for image in images:
+            if not do_rescale and np.issubdtype(image.dtype, np.floating) and 0 <= image.min() and 0 < image.max() <= 1:
+                logger.warning_once(
+                    "A float image has all its values in [0, 1] (as torchvision's ToTensor gives) but this processor "
+                    "expects the 0-255 scale, so it would be nearly black: pass `image * 255`, or `do_rescale=True, "
+                    "rescale_factor=255.0` (rescaling multiplies by `rescale_factor`)."
+                )
             if do_reduce_labels:
                 image = self.reduce_label(image)
             if do_resize:

@@ -15,12 +15,21 @@ Logits are resized a few classes at a time, so memory holds one (C, H, W) map at
 per-chunk buffers, not a full-resolution copy per scale.
 """
 
+import math
+from numbers import Integral, Real
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Mask2FormerConfig, MaskFormerConfig
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import ImageInput, get_image_size, infer_channel_dimension_format, is_pil_image
+from transformers.image_utils import (
+    ChannelDimension,
+    ImageInput,
+    get_image_size,
+    infer_channel_dimension_format,
+    is_pil_image,
+)
 
 MS_FLIP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 MODES = ("whole", "slide")
@@ -102,15 +111,35 @@ def predict_logits(
 def crop_and_stride(
     crop_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(crop, stride) as (height, width) pairs; the stride defaults to two thirds of the crop (mmseg's 512 -> 341)."""
+    """(crop, stride) as (height, width) pairs; the stride defaults to two thirds of the crop (mmseg's 512 -> 341).
+
+    Both must be positive ints, and the stride at most the crop on each side (else pixels between crops get no
+    prediction).
+    """
     if crop_size is None:
         raise ValueError("Sliding-window inference needs `crop_size` (e.g. the training crop, 512 or (512, 512)).")
-    crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-    steps = tuple(side * 2 // 3 for side in crop) if stride is None else stride
-    steps = (steps, steps) if isinstance(steps, int) else tuple(steps)
-    if min(crop) <= 0 or min(steps) <= 0:
-        raise ValueError(f"`crop_size` and `stride` must be positive, got {crop} and {steps}.")
+    crop = positive_pair(crop_size, "crop_size")
+    steps = tuple(side * 2 // 3 for side in crop) if stride is None else positive_pair(stride, "stride")
+    if min(steps) <= 0 or steps[0] > crop[0] or steps[1] > crop[1]:
+        raise ValueError(f"`stride` {steps} must be between 1 and `crop_size` {crop} on each side.")
     return crop, steps
+
+
+def positive_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """`value` (an int or a (height, width) pair) as a pair of positive ints; a ValueError naming `name` if not."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, Integral) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"`{name}` must be positive: an int or a (height, width) pair of ints > 0, got {value!r}.")
+    return int(pair[0]), int(pair[1])
+
+
+def check_scales(scales: tuple[float, ...]) -> None:
+    """`scales` must hold at least one ratio, each a finite number > 0."""
+    if not len(scales):
+        raise ValueError("`scales` must hold at least one ratio, e.g. (1.0,) or semask.inference.MS_FLIP_SCALES.")
+    for ratio in scales:
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"Every scale must be a finite number > 0, got {ratio!r} in `scales` {tuple(scales)}.")
 
 
 def sliding_window_logits(
@@ -145,12 +174,26 @@ def original_size(image: ImageInput) -> tuple[int, int]:
     array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
     if array.ndim == 2:
         return array.shape
-    return get_image_size(array, infer_channel_dimension_format(array, num_channels=(1, 3, 4)))
+    return get_image_size(array, channel_format(array))
+
+
+def channel_format(image: np.ndarray) -> ChannelDimension:
+    """Where a 3-d image array keeps its channels: as transformers infers it (channels first when the first dimension
+    can be channels: 1, 3 or 4), except (1, W, 3 or 4), read as one row of RGB(A) pixels (H, W, C), not as a
+    grayscale (1, H, W) image 3 or 4 pixels wide. Pass `input_data_format` to the processor to read it otherwise."""
+    if image.shape[0] == 1 and image.shape[-1] in (3, 4):
+        return ChannelDimension.LAST
+    return infer_channel_dimension_format(image, num_channels=(1, 3, 4))
 
 
 def scaled_size(processor: BaseImageProcessor, ratio: float) -> dict[str, int]:
-    """The processor's target size times `ratio`, truncated as mmseg's `MultiScaleFlipAug` does."""
-    return {key: int(value * ratio) for key, value in dict(processor.size).items()}
+    """The processor's target size times `ratio`, truncated as mmseg's `MultiScaleFlipAug` does (each side >= 1)."""
+    size = {key: int(value * ratio) for key, value in dict(processor.size).items()}
+    if min(size.values()) < 1:
+        raise ValueError(
+            f"Scale {ratio} shrinks the processor's size {dict(processor.size)} to {size}: each side must stay >= 1."
+        )
+    return size
 
 
 @torch.no_grad()
@@ -171,8 +214,9 @@ def predict_probabilities(
     inference. The model is used as it is (call `model.eval()` first). For mask classification models the
     "probabilities" are the semantic inference scores, which do not sum to 1 over the classes.
     """
-    if not scales:
-        raise ValueError("`scales` must hold at least one ratio, e.g. (1.0,) or semask.inference.MS_FLIP_SCALES.")
+    check_scales(scales)
+    if mode == "slide":
+        crop_and_stride(crop_size, stride)  # invalid settings fail before any image is processed
     height, width = original_size(image)
     parameter = next(model.parameters())
     mask_classification = is_mask_classification(model)

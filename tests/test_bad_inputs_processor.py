@@ -1,0 +1,122 @@
+"""Bad inputs to SemaskImageProcessor and semask.inference: refused early with a clear ValueError, or warned about."""
+
+import logging as python_logging
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.testing_utils import CaptureLogger
+
+from semask import SemaskImageProcessor, image_processing_semask
+from semask.inference import original_size, predict_probabilities
+
+
+class PointwiseModel(torch.nn.Module):
+    """A 1x1-conv classifier with full-resolution logits: enough for `predict_probabilities`."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace()
+        self.classifier = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, pixel_values: torch.Tensor) -> SemanticSegmenterOutput:
+        return SemanticSegmenterOutput(logits=self.classifier(pixel_values))
+
+
+def one_nan(dtype: type) -> np.ndarray:
+    image = np.full((8, 8, 3), 100, dtype)
+    image[3, 4, 1] = np.nan
+    return image
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((8, 8, 3), np.nan, np.float32), "The image has 192 non-finite (NaN or infinite) values"),
+        (one_nan(np.float32), "The image has 1 non-finite"),
+        (one_nan(np.float64), "The image has 1 non-finite"),
+        (np.full((8, 8, 3), np.inf, np.float32), "192 non-finite"),
+    ],
+)
+def test_non_finite_pixels_are_refused(image, message):
+    with pytest.raises(ValueError, match=re.escape(message) + ".*finite float pixels on the 0-255 scale"):
+        SemaskImageProcessor()(image)
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "message"),
+    [
+        (np.zeros((2, 9000, 3), np.uint8), {}, "Resizing 2x9000 (HxW) to fit 2048x512 gives 0x2048: each side must"),
+        (np.zeros((9000, 2), np.uint8), {}, "Resizing 9000x2 (HxW) to fit 2048x512 gives 2048x0"),
+        (np.zeros((0, 0, 3), np.uint8), {}, "Empty image (0x0, HxW)"),
+        (np.zeros((0, 5, 3), np.uint8), {"do_resize": False}, "Empty image (0x5, HxW)"),
+    ],
+)
+def test_sizes_that_leave_no_pixel_are_refused(image, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SemaskImageProcessor(**kwargs)(image)
+
+
+@pytest.mark.parametrize(("height", "width", "resized"), [(5, 3000, (3, 2048)), (3, 9000, (1, 2048))])
+def test_extreme_but_resizable_aspect_ratios_are_processed(height, width, resized):
+    image = np.zeros((height, width, 3), np.uint8)  # (3, W, 3) is ambiguous: say where the channels are
+    pixel_values = SemaskImageProcessor()(image, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    assert tuple(pixel_values.shape) == (1, 3, *resized)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scales": [-1.0]}, "got -1.0 in `scales`"),
+        ({"scales": [1.0, 0.0]}, "got 0.0 in `scales`"),
+        ({"scales": [float("nan")]}, "got nan in `scales`"),
+        ({"scales": [float("inf")]}, "got inf in `scales`"),
+        ({"scales": ["1.0"]}, "got '1.0' in `scales`"),
+        ({"scales": [1e-9]}, "Scale 1e-09 shrinks the processor's size"),
+        ({"mode": "slide", "crop_size": 32.5}, "`crop_size` must be positive: an int or a (height, width) pair"),
+        ({"mode": "slide", "crop_size": (32, 0)}, "`crop_size` must be positive"),
+        ({"mode": "slide", "crop_size": 16, "stride": (8, 0)}, "`stride` must be positive"),
+        ({"mode": "slide", "crop_size": 16, "stride": 17}, "`stride` (17, 17) must be between 1 and `crop_size`"),
+    ],
+)
+def test_bad_inference_settings_are_refused(kwargs, message):
+    processor = SemaskImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    image = np.zeros((20, 30, 3), np.uint8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        predict_probabilities(PointwiseModel().eval(), processor, image, **kwargs)
+
+
+def test_one_pixel_rgb_array_is_read_channels_last():
+    colour = np.array([200, 10, 60], np.uint8)
+    image = colour.reshape(1, 1, 3)
+    pixel_values = SemaskImageProcessor()(image, return_tensors="pt")["pixel_values"]
+    assert tuple(pixel_values.shape) == (1, 3, 512, 512)
+    expected = (colour - np.array(image_processing_semask.MMSEG_IMAGE_MEAN)) / image_processing_semask.MMSEG_IMAGE_STD
+    torch.testing.assert_close(pixel_values[0, :, 0, 0], torch.tensor(expected, dtype=torch.float32))
+    assert (pixel_values == pixel_values[..., :1, :1]).all()
+    assert original_size(image) == (1, 1) and original_size(torch.from_numpy(image)) == (1, 1)
+    chw = SemaskImageProcessor()(image, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    assert tuple(chw.shape) == (1, 3, 512, 1536)  # one grayscale channel, 1x3 pixels
+    scores = predict_probabilities(PointwiseModel().eval(), SemaskImageProcessor(), image)
+    assert tuple(scores.shape) == (2, 1, 1)
+
+
+def test_float_images_in_unit_range_warn_and_the_advice_works():
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    processor = SemaskImageProcessor(do_resize=False)
+    reference = processor(rgb, return_tensors="pt")["pixel_values"]
+    unit = rgb.astype(np.float32) / 255
+    python_logging.Logger.warning_once.cache_clear()  # transformers' warning_once remembers messages
+    with CaptureLogger(image_processing_semask.logger) as captured:
+        processor(unit)
+    assert "values in [0, 1]" in captured.out and "do_rescale=True, rescale_factor=255.0" in captured.out
+    python_logging.Logger.warning_once.cache_clear()
+    with CaptureLogger(image_processing_semask.logger) as captured:
+        rescaled = processor(unit, do_rescale=True, rescale_factor=255.0, return_tensors="pt")["pixel_values"]
+        processor(np.zeros((8, 16, 3), np.float32))  # black, not [0, 1] data
+    assert captured.out == ""
+    torch.testing.assert_close(rescaled, reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(processor(unit * 255, return_tensors="pt")["pixel_values"], reference, atol=1e-4, rtol=0)
