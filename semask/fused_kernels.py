@@ -3,7 +3,7 @@
 On CPUs `F.linear` runs on BLAS; oneDNN's linear kernel (the one inductor's frozen CPU graphs call) is faster for
 Swin's narrow layers (96 to 768 channels, 150 classes) and applies an exact GELU or adds a residual while it writes
 the output, which saves a pass over memory. Likewise a Conv-BN-ReLU block in eval mode is one oneDNN convolution
-with the batch norm folded into its weights and the ReLU applied as it writes. They are used only where they compute
+with the batch norm folded into its weights. They are used only where they compute
 the same function: float32 tensors on CPU, nothing that needs gradients, no autocast, and not inside
 torch.compile / torch.export (inductor makes its own choice there). Everywhere else these are the plain modules.
 """
@@ -80,7 +80,7 @@ def use_fused_linears(module: nn.Module) -> None:
 
 class FusedConvModule(UperNetConvModule):
     """transformers' Conv-BN-ReLU block (same parameters and state-dict keys); in eval mode, where `onednn_applies`,
-    one oneDNN convolution with the batch norm's running statistics folded into its weights and a fused ReLU."""
+    one oneDNN convolution with the batch norm's running statistics folded into its weights, then an in-place ReLU."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         conv, norm = self.conv, self.batch_norm
@@ -97,6 +97,7 @@ class FusedConvModule(UperNetConvModule):
         weight, bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
         )
-        return torch.ops.mkldnn._convolution_pointwise(
-            inputs, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], ""
+        outputs = torch.ops.mkldnn._convolution_pointwise(
+            inputs, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "none", [], ""
         )
+        return torch.relu_(outputs)  # not oneDNN's fused ReLU: that maps NaN to 0, where ReLU propagates it

@@ -708,11 +708,18 @@ def running_statistics_restored(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def check_label_maps(labels: torch.Tensor, batch_size: int, num_labels: int, ignore_index: int) -> None:
-    """Raise a ValueError unless labels are (batch_size, H, W) integers in [0, num_labels) or `ignore_index`."""
+def check_label_maps(labels: torch.Tensor, pixel_values: torch.Tensor, num_labels: int, ignore_index: int) -> None:
+    """Raise a ValueError unless labels are (batch_size, H, W) integers, at the images' size, in [0, num_labels) or
+    `ignore_index`."""
+    batch_size, _, height, width = pixel_values.shape
     if labels.ndim != 3 or labels.shape[0] != batch_size or labels.is_floating_point():
         raise ValueError(
             f"Expected integer labels of shape ({batch_size}, height, width), got {labels.dtype} {tuple(labels.shape)}."
+        )
+    if labels.shape[-2:] != (height, width):
+        raise ValueError(
+            f"`labels` are {labels.shape[-2]}x{labels.shape[-1]} (HxW) but the images {height}x{width}; pass label "
+            "maps at the size of `pixel_values` (the image processor resizes and pads both alike)."
         )
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
     message = f"Labels must lie in [0, {num_labels}) or equal the ignore index {ignore_index}"
@@ -745,7 +752,7 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
             Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
         """
         if labels is not None:
-            self.check_labels(labels, pixel_values.shape[0])
+            self.check_labels(labels, pixel_values)
         outputs = self.semask(pixel_values, **kwargs)
         logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
         loss = None
@@ -762,9 +769,10 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
             semantic_attentions=outputs.semantic_attentions,
         )
 
-    def check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
-        """Raise a ValueError unless labels are (batch_size, H, W) integers in the label set or the ignore index."""
-        check_label_maps(labels, batch_size, self.config.num_labels, self.config.semantic_loss_ignore_index)
+    def check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
+        """Raise a ValueError unless labels are (batch_size, H, W) integers at the images' size, in the label set or
+        the ignore index."""
+        check_label_maps(labels, pixel_values, self.config.num_labels, self.config.semantic_loss_ignore_index)
 
     def losses(
         self, logits: torch.Tensor, semantic_logits: torch.Tensor | None, labels: torch.Tensor

@@ -340,11 +340,7 @@ class SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerPreTrainedModel
     ) -> None:
         batch_size, _, height, width = pixel_values.shape
         if labels is not None:
-            check_label_maps(labels, batch_size, self.config.num_labels, self.config.ignore_value)
-            if labels.shape[-2:] != (height, width):
-                raise ValueError(
-                    f"`labels` are {tuple(labels.shape[-2:])} but the images {height}x{width}; they must match."
-                )
+            check_label_maps(labels, pixel_values, self.config.num_labels, self.config.ignore_value)
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("Pass `mask_labels` and `class_labels` together (or neither, with `labels`).")
         if mask_labels is not None:

@@ -767,7 +767,7 @@ class SemaskTrainer(Trainer):
         labels = inputs["labels"]
         outputs = model(pixel_values=inputs["pixel_values"])
         semask = self.accelerator.unwrap_model(model)
-        semask.check_labels(labels, labels.shape[0])
+        semask.check_labels(labels, inputs["pixel_values"])
         config = semask.config
         logits = F.interpolate(
             outputs.logits, size=labels.shape[-2:], mode="bilinear", align_corners=config.align_corners

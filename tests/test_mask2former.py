@@ -161,7 +161,7 @@ def test_activation_checkpointing_and_auxiliary_losses():
 @pytest.mark.parametrize(
     ("targets", "message"),
     [
-        ({"labels": torch.zeros(1, 30, 30, dtype=torch.long)}, "must match"),
+        ({"labels": torch.zeros(1, 30, 30, dtype=torch.long)}, "pass label maps at the size of `pixel_values`"),
         ({"labels": torch.full((1, 32, 32), 7)}, r"Labels must lie in \[0, 5\)"),
         ({"mask_labels": [torch.zeros(1, 32, 32)]}, "together"),
         ({"mask_labels": [torch.zeros(2, 32, 32)], "class_labels": [torch.tensor([1])]}, "one class per mask"),

@@ -1,0 +1,38 @@
+"""Bad input to the models' forward: labels of another size are refused, and NaN pixels propagate on the CPU
+fast path exactly as on the plain (autograd) path instead of being laundered into plausible logits."""
+
+import pytest
+import torch
+
+from conftest import tiny_config_kwargs, tiny_mask2former_config_kwargs
+from semask import SemaskConfig, SemaskForSemanticSegmentation
+from semask.configuration_semask_mask2former import SemaskMask2FormerConfig
+from semask.modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+
+
+def test_labels_of_another_size_than_the_input_are_refused():
+    model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs()))
+    with pytest.raises(ValueError, match=r"`labels` are 16x16 \(HxW\) but the images 32x32"):
+        model(torch.randn(1, 3, 32, 32), labels=torch.zeros(1, 16, 16, dtype=torch.long))
+
+
+def test_mask2former_labels_of_another_size_are_refused():
+    model = SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerConfig(**tiny_mask2former_config_kwargs()))
+    with pytest.raises(ValueError, match=r"`labels` are 30x30 \(HxW\) but the images 32x32"):
+        model(torch.randn(1, 3, 32, 32), labels=torch.zeros(1, 30, 30, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_nan_pixels_propagate_on_the_fast_path_as_on_the_plain_path(attention):
+    torch.manual_seed(0)
+    model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
+    model.set_attn_implementation(attention)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    pixel_values[0, 0, 10, 10] = float("nan")
+    with torch.no_grad():  # the fast path (oneDNN kernels, in-place adds): what inference and the CLI use
+        fast = model(pixel_values)
+    plain = model(pixel_values.clone().requires_grad_())  # autograd: the plain modules
+    for name in ("logits", "semantic_logits"):
+        fast_nan, plain_nan = getattr(fast, name).isnan(), getattr(plain, name).isnan()
+        assert plain_nan.any(), name
+        assert torch.equal(fast_nan, plain_nan), f"{name}: NaN at {fast_nan.sum()} vs {plain_nan.sum()} positions"
