@@ -31,9 +31,16 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from semask import SemaskMask2FormerConfig  # importing semask registers it with the Auto classes
 from semask.cli import overlay_image
-from semask.data import DatasetArguments, load_segmentation_data, validate_segmentation_data
-from semask.image_processing_semask import SemaskImageProcessor
+from semask.data import (
+    DatasetArguments,
+    DatasetValidationError,
+    load_segmentation_data,
+    undecoded,
+    validate_segmentation_data,
+)
+from semask.image_processing_semask import SemaskImageProcessor, upright_rgb
 from semask.inference import predict_probabilities
+from semask.label_files import LabelsFileError
 from semask.metrics import compute_metrics_for_trainer
 from semask.modelcard import write_model_card
 from semask.palettes import palette_for_labels
@@ -197,7 +204,7 @@ def save_prediction_overlays(model, processor, dataset, id2label: dict[int, str]
     palette = palette_for_labels(id2label)
     model.eval()
     for index in range(min(NUM_PREDICTION_IMAGES, len(dataset))):
-        image = dataset[index]["image"].convert("RGB")
+        image = upright_rgb(dataset[index]["image"])
         label_map = predict_probabilities(model, processor, image).argmax(0).cpu().numpy()
         overlay_image(image, label_map, palette, alpha=0.5).save(folder / f"validation_{index}_overlay.png")
 
@@ -240,7 +247,18 @@ def dataset_title(dataset_name: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train, evaluate and save; returns the final evaluation metrics."""
+    """Train, evaluate and save; returns the final evaluation metrics. Unusable data (a `DatasetValidationError`
+    or `LabelsFileError`, also when training reaches a file that cannot be decoded) exits with `error: <message>`
+    on stderr, status 2."""
+    try:
+        return train(argv)
+    except (DatasetValidationError, LabelsFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train(argv: list[str] | None = None) -> dict[str, float]:
+    """`main` without its error handling."""
     model_args, data_args, recipe, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
@@ -259,8 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = SemaskTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.dataset["train"].with_transform(TrainTransform(processor, recipe)),
-        eval_dataset=data.dataset["validation"].with_transform(EvalTransform(processor)),
+        # Undecoded, so that the transforms decode the files and name one they cannot decode.
+        train_dataset=undecoded(data.dataset["train"]).with_transform(TrainTransform(processor, recipe)),
+        eval_dataset=undecoded(data.dataset["validation"]).with_transform(EvalTransform(processor)),
         data_collator=pad_collate,
         processing_class=processor,
         compute_metrics=compute_metrics_for_trainer(data.num_labels),

@@ -9,14 +9,20 @@ layout, images/ + labels/, or a `save_to_disk` folder) or a pair of image / labe
 every image and label map is opened (headers only: readable, sizes equal, label maps single-channel), and the
 pixel values of `label_check_samples` label maps per split (all of them in smaller splits) are checked against
 the label set after fully decoding them and their images. Header checks cost about a millisecond per file, so
-they run on every file; full decoding costs 10-100x more, hence the sample (pass -1 to decode everything).
+they run on every file; full decoding costs 10-100x more, hence the sample (pass -1 to decode everything). JPEG
+label maps get a warning (lossy compression alters class ids).
+
+A file that only fails when fully decoded (e.g. truncated) outside the sample is reported when training reaches it:
+give the training transforms `undecoded(dataset)`, whose files `decode_image` decodes, naming a file it cannot.
+EXIF orientation applies to label maps as to images (as `datasets.Image` decodes both), so a label map stored
+upright and one stored with its image's orientation tag both stay aligned with the upright image.
 """
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, load_dataset, load_from_disk
@@ -27,6 +33,7 @@ from PIL import Image
 
 from .cli import IMAGE_SUFFIXES
 from .image_processing_semask import IGNORE_INDEX, image_to_array
+from .label_files import read_labels_file
 from .presets import DATASET_LABELS, DATASET_PROCESSING
 
 logger = logging.getLogger(__name__)
@@ -42,7 +49,8 @@ MAX_REPORTED_PROBLEMS = 20
 
 
 class DatasetValidationError(ValueError):
-    """A dataset that cannot be trained or evaluated on; the message lists every problem found (with file names)."""
+    """A dataset that cannot be trained or evaluated on; the message lists every problem found (with
+    file names). The training script prints it as `error: <message>`, not as a traceback."""
 
 
 @dataclass
@@ -123,7 +131,9 @@ def load_segmentation_data(
     demo's names), the dataset preset, or else `default_id2label` (e.g. an evaluated model's labels).
     """
     if args.dataset_preset is not None and args.dataset_preset not in DATASET_LABELS:
-        raise ValueError(f"Unknown dataset preset {args.dataset_preset!r}; expected one of {sorted(DATASET_LABELS)}.")
+        raise DatasetValidationError(
+            f"Unknown dataset preset {args.dataset_preset!r}; expected one of {sorted(DATASET_LABELS)}."
+        )
     if args.dataset_name == "demo":
         return _load_demo(args, splits)
     dataset, found_labels, layout_preset = _load_splits(args, splits)
@@ -133,25 +143,6 @@ def load_segmentation_data(
     if reduce_labels is None:
         reduce_labels = bool(preset and DATASET_PROCESSING[preset]["do_reduce_labels"])
     return SegmentationData(dataset, id2label, reduce_labels, preset)
-
-
-def read_labels_file(path: str | Path) -> dict[int, str]:
-    """Label names from a JSON list, or a {id: name} object with the ids 0..N-1."""
-    try:
-        content = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read the labels file {path}: {error}") from error
-    if isinstance(content, list):
-        content = dict(enumerate(content))
-    if not isinstance(content, dict) or not content:
-        raise ValueError(f"The labels file {path} must hold a non-empty JSON list or object, got {type(content)}.")
-    try:
-        id2label = {int(key): str(name) for key, name in content.items()}
-    except ValueError as error:
-        raise ValueError(f"The labels file {path} has non-integer ids: {error}") from error
-    if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"The labels file {path} must use the ids 0..{len(id2label) - 1}, got {sorted(id2label)}.")
-    return dict(sorted(id2label.items()))
 
 
 def _load_demo(args: DatasetArguments, splits: tuple[str, ...]) -> SegmentationData:
@@ -175,10 +166,14 @@ def _load_splits(args: DatasetArguments, splits: tuple[str, ...]) -> tuple[Datas
     }
     if any(path for pair in folder_pairs.values() for path in pair):
         if args.dataset_name:
-            raise ValueError("Pass either --dataset_name or image/label folders (--train_images_dir ...), not both.")
+            raise DatasetValidationError(
+                "Pass either --dataset_name or image/label folders (--train_images_dir ...), not both."
+            )
         return DatasetDict({split: _paired_folder_split(*folder_pairs[split], split) for split in splits}), None, None
     if not args.dataset_name:
-        raise ValueError("No dataset given: pass --dataset_name (demo, a Hub id or a folder) or image/label folders.")
+        raise DatasetValidationError(
+            "No dataset given: pass --dataset_name (demo, a Hub id or a folder) or image/label folders."
+        )
     root = Path(args.dataset_name)
     if root.is_dir():
         found_labels = read_labels_file(root / LABELS_FILE_NAME) if (root / LABELS_FILE_NAME).is_file() else None
@@ -306,7 +301,7 @@ def _resolve_id2label(
         return dict(default_id2label)
     if preset:
         return dict(enumerate(DATASET_LABELS[preset]))
-    raise ValueError(
+    raise DatasetValidationError(
         f"No label names for {args.dataset_name or 'the image/label folders'}: pass --labels_file (a JSON list of "
         f"names, or {LABELS_FILE_NAME} in the dataset folder) or --dataset_preset {{{','.join(DATASET_LABELS)}}}."
     )
@@ -328,26 +323,49 @@ def validate_segmentation_data(data: SegmentationData, label_check_samples: int 
         )
 
 
+def undecoded(dataset: Dataset) -> Dataset:
+    """`dataset` with its `datasets.Image` columns left undecoded ({"path", "bytes"} values, for `decode_image`)."""
+    for column, feature in dataset.features.items():
+        if isinstance(feature, ImageFeature) and feature.decode:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+def decode_image(value: Any, description: str) -> Any:
+    """A `datasets.Image` value (undecoded dict, or an image / array, returned as is) decoded as `datasets` does,
+    EXIF orientation applied; a `DatasetValidationError` naming its file (or `description`) if it cannot be."""
+    try:
+        return ImageFeature().decode_example(value) if isinstance(value, dict) else value
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError, truncated or empty files
+        raise DatasetValidationError(f"Cannot decode {_file_name(value, description)}: {error}") from error
+
+
 def _split_problems(
     split: str, dataset: Dataset, data: SegmentationData, label_check_samples: int, seed: int
 ) -> list[str]:
-    undecoded = dataset
-    for column in ("image", "label"):
-        if isinstance(dataset.features[column], ImageFeature):
-            undecoded = undecoded.cast_column(column, ImageFeature(decode=False))
     if 0 <= label_check_samples < len(dataset):
         checked = set(np.random.default_rng(seed).choice(len(dataset), label_check_samples, replace=False).tolist())
     else:
         checked = set(range(len(dataset)))
-    problems = []
-    for index, row in enumerate(undecoded):
+    problems, jpeg_labels = [], []
+    for index, row in enumerate(undecoded(dataset)):
         image_name = _file_name(row["image"], f"{split} image #{index}")
         label_name = _file_name(row["label"], f"{split} label map #{index}")
         try:
             with _open(row["image"]) as image, _open(row["label"]) as label:
+                if label.format == "JPEG":
+                    jpeg_labels.append(label_name)
                 problems += _pair_problems(image, image_name, label, label_name, data, index in checked)
         except (OSError, TypeError, ValueError) as error:
             problems.append(f"Cannot read {image_name} or {label_name}: {error}")
+    if jpeg_labels:
+        logger.warning(
+            "%d %s label maps are JPEG files (%s%s): JPEG compression alters class ids; save label maps as PNG.",
+            len(jpeg_labels),
+            split,
+            ", ".join(jpeg_labels[:5]),
+            " ..." if len(jpeg_labels) > 5 else "",
+        )
     return problems
 
 
@@ -366,14 +384,24 @@ def _open(value) -> Image.Image:
     return Image.fromarray(np.asarray(value))
 
 
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of `image` once turned by its EXIF orientation (5-8 swap the sides), from the header (a
+    PNG's EXIF only when it precedes the pixels: PIL would decode the file to look further)."""
+    has_header_exif = image.format != "PNG" or "exif" in image.info
+    orientation = image.getexif().get(Image.ExifTags.Base.Orientation, 1) if has_header_exif else 1
+    return image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
+
+
 def _pair_problems(
     image: Image.Image, image_name: str, label: Image.Image, label_name: str, data: SegmentationData, full: bool
 ) -> list[str]:
-    """Size and mode problems of one pair; with `full`, also decode both and check the label values."""
-    if image.size != label.size:
+    """Size and mode problems of one pair (sizes once upright); with `full`, also decode both and check the label
+    values."""
+    (image_width, image_height), (label_width, label_height) = _upright_size(image), _upright_size(label)
+    if (image_width, image_height) != (label_width, label_height):
         return [
-            f"{label_name} is {label.size[1]}x{label.size[0]} (HxW) but its image {image_name} is "
-            f"{image.size[1]}x{image.size[0]}."
+            f"{label_name} is {label_height}x{label_width} (HxW) but its image {image_name} is "
+            f"{image_height}x{image_width}."
         ]
     if label.mode not in LABEL_MAP_MODES and not label.mode.startswith("I;16"):
         return [

@@ -34,6 +34,7 @@ Evaluation scores the classes with the original semantic inference (`semantic_sc
 
 import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -49,7 +50,8 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, Trainer,
 
 from .configuration_semask import SemaskConfig
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
-from .image_processing_semask import IGNORE_INDEX, SemaskImageProcessor, image_to_array, rescaled_size
+from .data import decode_image
+from .image_processing_semask import IGNORE_INDEX, SemaskImageProcessor, image_to_array, rescaled_size, upright_rgb
 from .inference import is_mask_classification, semantic_inference
 from .modelcard import encoder_config
 from .modeling_semask import SemaskForSemanticSegmentation, SemaskModel, summarize_keys
@@ -553,17 +555,29 @@ def label_map(label: Image.Image | np.ndarray, processor: SemaskImageProcessor) 
     return processor.reduce_label(array) if processor.do_reduce_labels else array
 
 
-class TrainTransform:
-    """`datasets.Dataset.set_transform` function: "image"/"label" batches to augmented "pixel_values"/"labels"."""
+def decoded_pairs(batch: dict[str, list], split: str) -> Iterator[tuple[Image.Image, Image.Image | np.ndarray]]:
+    """The (image, label map) pairs of a `set_transform` batch, decoded here when the dataset is `data.undecoded`
+    (so a file that cannot be decoded is named); images upright RGB (`upright_rgb`: 16-bit scaled, not clipped),
+    label maps upright too (`data.decode_image`)."""
+    for image, label in zip(batch["image"], batch["label"]):
+        image = upright_rgb(decode_image(image, f"a {split} image"))
+        yield image, decode_image(label, f"a {split} label map")
 
-    def __init__(self, processor: SemaskImageProcessor, recipe: RecipeArguments):
+
+class TrainTransform:
+    """`datasets.Dataset.set_transform` function: "image"/"label" batches to augmented "pixel_values"/"labels".
+
+    Give it `data.undecoded(dataset)` so that an undecodable file raises a `DatasetValidationError` naming it."""
+
+    def __init__(self, processor: SemaskImageProcessor, recipe: RecipeArguments, split: str = "train"):
         self.augmentation = build_train_augmentation(processor, recipe)
         self.processor = processor
+        self.split = split
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
         pixel_values, labels = [], []
-        for image, label in zip(batch["image"], batch["label"]):
-            image = tv_tensors.Image(TF.pil_to_tensor(image.convert("RGB")))
+        for image, label in decoded_pairs(batch, self.split):
+            image = tv_tensors.Image(TF.pil_to_tensor(image))
             mask = tv_tensors.Mask(torch.from_numpy(label_map(label, self.processor)))
             image, mask = self.augmentation(image, mask)
             pixel_values.append(image.as_subclass(torch.Tensor))
@@ -572,15 +586,17 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """`set_transform` function for evaluation: the image processor's test pipeline, one image at a time."""
+    """`set_transform` function for evaluation: the image processor's test pipeline, one image at a time (give it
+    `data.undecoded(dataset)`, as `TrainTransform`)."""
 
-    def __init__(self, processor: SemaskImageProcessor):
+    def __init__(self, processor: SemaskImageProcessor, split: str = "validation"):
         self.processor = processor
+        self.split = split
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
         pixel_values, labels = [], []
-        for image, label in zip(batch["image"], batch["label"]):
-            features = self.processor(image.convert("RGB"), segmentation_maps=label, return_tensors="pt")
+        for image, label in decoded_pairs(batch, self.split):
+            features = self.processor(image, segmentation_maps=label, return_tensors="pt")
             pixel_values.append(features["pixel_values"][0])
             labels.append(features["labels"][0])
         return {"pixel_values": pixel_values, "labels": labels}

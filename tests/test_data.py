@@ -11,9 +11,9 @@ from semask.data import (
     DatasetArguments,
     DatasetValidationError,
     load_segmentation_data,
-    read_labels_file,
     validate_segmentation_data,
 )
+from semask.label_files import read_labels_file
 from semask.presets import ADE20K_LABELS
 
 LABELS = ["sky", "road", "car"]
