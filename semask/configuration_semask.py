@@ -16,6 +16,16 @@ def settings_equal(first, second) -> bool:
     return as_list(first) == as_list(second)
 
 
+def check_class_ids(id2label: dict[int, str] | None) -> None:
+    """Raise a ValueError unless `id2label` names the classes 0..N-1 (each id is a logit channel)."""
+    if id2label is not None and sorted(map(int, id2label)) != list(range(len(id2label))):
+        missing = sorted(set(range(len(id2label))) - set(map(int, id2label)))
+        raise ValueError(
+            f"`id2label` must use the class ids 0..{len(id2label) - 1} (one channel each), got "
+            f"{sorted(map(int, id2label))} (missing ids: {missing})."
+        )
+
+
 @strict
 class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
@@ -129,6 +139,7 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}.")
+        check_class_ids(self.id2label)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SemaskConfig":

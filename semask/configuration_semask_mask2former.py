@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import Mask2FormerConfig
 
-from .configuration_semask import SemaskConfig
+from .configuration_semask import SemaskConfig, check_class_ids
 from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
 
 
@@ -73,6 +73,7 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
+        check_class_ids(self.id2label)
         backbone = self.backbone_config
         if backbone.num_labels != self.num_labels:
             raise ValueError(

@@ -33,6 +33,7 @@ from PIL import Image
 
 from .cli import IMAGE_SUFFIXES
 from .image_processing_semask import IGNORE_INDEX, image_to_array
+from .inference import upright_size
 from .label_files import read_labels_file
 from .presets import DATASET_LABELS, DATASET_PROCESSING
 
@@ -385,11 +386,12 @@ def _open(value) -> Image.Image:
 
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:
-    """The (width, height) of `image` once turned by its EXIF orientation (5-8 swap the sides), from the header (a
-    PNG's EXIF only when it precedes the pixels: PIL would decode the file to look further)."""
-    has_header_exif = image.format != "PNG" or "exif" in image.info
-    orientation = image.getexif().get(Image.ExifTags.Base.Orientation, 1) if has_header_exif else 1
-    return image.size[::-1] if orientation in (5, 6, 7, 8) else image.size
+    """The (width, height) of `image` once turned by its EXIF orientation, from the header (a PNG's EXIF only when it
+    precedes the pixels: PIL would decode the file to look further)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return image.size
+    height, width = upright_size(image)
+    return width, height
 
 
 def _pair_problems(

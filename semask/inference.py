@@ -21,6 +21,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags, Image
 from transformers import Mask2FormerConfig, MaskFormerConfig
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import (
@@ -168,13 +169,20 @@ def sliding_window_logits(
 
 
 def original_size(image: ImageInput) -> tuple[int, int]:
-    """(height, width) of a PIL image, an (H, W[, C]) / (C, H, W) array or tensor."""
+    """(height, width) of a PIL image (upright, see `upright_size`), an (H, W[, C]) / (C, H, W) array or tensor."""
     if is_pil_image(image):
-        return image.height, image.width
+        return upright_size(image)
     array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
     if array.ndim == 2:
         return array.shape
     return get_image_size(array, channel_format(array))
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of a PIL image once turned upright by its EXIF orientation (5-8 swap the sides), as the
+    image processor turns it."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (image.width, image.height) if orientation in (5, 6, 7, 8) else (image.height, image.width)
 
 
 def channel_format(image: np.ndarray) -> ChannelDimension:

@@ -5,8 +5,10 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import ExifTags, Image, ImageOps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("SEMASK_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
@@ -97,3 +99,14 @@ def train_steps(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torc
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def exif_rotated_jpeg(path, orientation: int = 6) -> np.ndarray:
+    """Save a 30x40 (HxW) JPEG tagged with an EXIF orientation; returns the upright pixels as decoded."""
+    array = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(array).save(path, exif=exif, quality=95)
+    with Image.open(path) as image:
+        return np.asarray(ImageOps.exif_transpose(image))
+

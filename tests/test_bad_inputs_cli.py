@@ -11,7 +11,7 @@ from PIL import Image
 from test_cli import save_tiny_model
 from test_conversion import assert_conversion_refused, save_checkpoint
 
-from conftest import fpn_fixture_dir
+from conftest import exif_rotated_jpeg, fpn_fixture_dir
 from semask import SemaskForSemanticSegmentation, SemaskImageProcessor
 from semask.cli import main as segment
 from semask.conversion import load_original_state_dict
@@ -47,6 +47,17 @@ def test_16_bit_png_gives_the_label_map_of_the_api(model_dir, tmp_path):
     processor = SemaskImageProcessor.from_pretrained(model_dir)
     expected = predict_probabilities(model, processor, Image.open(path)).argmax(0).numpy()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "deep_labels.png")), expected)
+
+
+def test_exif_rotated_jpeg_gives_the_label_map_of_the_api(model_dir, tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif_rotated_jpeg(path)
+    assert run(path, "--model", model_dir, "-o", tmp_path / "out") == 0
+    model = SemaskForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = SemaskImageProcessor.from_pretrained(model_dir)
+    expected = predict_probabilities(model, processor, Image.open(path)).argmax(0).numpy()
+    assert expected.shape == (40, 30)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "rotated_labels.png")), expected)
 
 
 def test_unreadable_images_are_reported_and_the_others_segmented(model_dir, tmp_path, capsys):

@@ -3,6 +3,7 @@ fast path exactly as on the plain (autograd) path instead of being laundered int
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from conftest import tiny_config_kwargs, tiny_mask2former_config_kwargs
 from semask import SemaskConfig, SemaskForSemanticSegmentation
@@ -36,3 +37,10 @@ def test_nan_pixels_propagate_on_the_fast_path_as_on_the_plain_path(attention):
         fast_nan, plain_nan = getattr(fast, name).isnan(), getattr(plain, name).isnan()
         assert plain_nan.any(), name
         assert torch.equal(fast_nan, plain_nan), f"{name}: NaN at {fast_nan.sum()} vs {plain_nan.sum()} positions"
+
+
+def test_non_contiguous_id2label_keys_are_refused():
+    with pytest.raises(StrictDataclassClassValidationError, match=r"ids 0\.\.1 .*got \[0, 2\] \(missing ids: \[1\]\)"):
+        SemaskConfig(id2label={0: "wall", 2: "floor"})
+    with pytest.raises(StrictDataclassClassValidationError, match=r"missing ids: \[1\]"):
+        SemaskMask2FormerConfig(backbone_config=SemaskConfig(**tiny_config_kwargs()), id2label={0: "a", 2: "b"})

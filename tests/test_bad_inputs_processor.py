@@ -7,10 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.testing_utils import CaptureLogger
 
+from conftest import exif_rotated_jpeg
 from semask import SemaskImageProcessor, image_processing_semask
+from semask.image_processing_semask import load_image
 from semask.inference import original_size, predict_probabilities
 
 
@@ -120,3 +123,15 @@ def test_float_images_in_unit_range_warn_and_the_advice_works():
     assert captured.out == ""
     torch.testing.assert_close(rescaled, reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(processor(unit * 255, return_tensors="pt")["pixel_values"], reference, atol=1e-4, rtol=0)
+
+
+def test_exif_rotated_jpeg_is_read_upright_by_every_entry_point(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    upright = exif_rotated_jpeg(path)
+    assert upright.shape == (40, 30, 3)  # orientation 6: the stored 30x40 pixels turned a quarter
+    processor = SemaskImageProcessor()
+    expected = processor(upright, return_tensors="pt")["pixel_values"]
+    with Image.open(path) as image:
+        assert original_size(image) == (40, 30)
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), upright)
