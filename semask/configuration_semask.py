@@ -18,11 +18,13 @@ def settings_equal(first, second) -> bool:
 
 def check_class_ids(id2label: dict[int, str] | None) -> None:
     """Raise a ValueError unless `id2label` names the classes 0..N-1 (each id is a logit channel)."""
-    if id2label is not None and sorted(map(int, id2label)) != list(range(len(id2label))):
-        missing = sorted(set(range(len(id2label))) - set(map(int, id2label)))
+    if id2label is None:
+        return
+    ids, expected = sorted(map(int, id2label)), list(range(len(id2label)))
+    if ids != expected:
         raise ValueError(
-            f"`id2label` must use the class ids 0..{len(id2label) - 1} (one channel each), got "
-            f"{sorted(map(int, id2label))} (missing ids: {missing})."
+            f"`id2label` must use the class ids 0..{len(ids) - 1} (one channel each), got {ids} "
+            f"(missing ids: {sorted(set(expected) - set(ids))})."
         )
 
 
