@@ -4,8 +4,8 @@
 
 Every case runs in its own subprocess (so peak memory is the case's own) with random weights: latency (median,
 min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
-against a GEMM rate measured on the spot (in each case's process, after its timed runs), for inference or a
-training step (forward + backward + AdamW step).
+against a GEMM rate measured on the spot (on the case's device, in its process, after its timed runs), for
+inference or a training step (forward + backward + AdamW step).
 Ratios compare each case's median time with the reference model's in the same setting. With `--rounds N` the
 cases take turns N times (A B A B ...) and the statistics cover all their runs: the machine's speed drifts by
 several percent over minutes, which would otherwise land on whichever case runs at the time. Compiled inference
@@ -19,6 +19,7 @@ of the process's peak resident memory, which also counts the allocator's fragmen
 """
 
 import argparse
+import functools
 import itertools
 import json
 import resource
@@ -89,7 +90,9 @@ def _onednn_linear_flop(input_shape, *args, out_shape, **kwargs) -> int:
     return 2 * torch.Size(out_shape).numel() * input_shape[-1]
 
 
-def _onednn_convolution_flop(input_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+def _onednn_convolution_flop(input_shape, *args, out_shape, **kwargs) -> int:
+    # the binary overload takes the tensor it adds before the weight; the default one takes the bias (1-D) after it
+    weight_shape = args[1] if args[1] is not None and len(args[1]) == len(input_shape) else args[0]
     return conv_flop_count(input_shape, weight_shape, out_shape)
 
 
@@ -106,19 +109,37 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
-def gemm_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The best matrix-multiply rate (GFLOP/s) of this machine for `dtype`, measured now."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
+def default_device() -> str:
+    """The device the cases run on: the GPU where there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _timed(step) -> float:
+@functools.cache
+def gemm_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """The best rate (GFLOP/s) of a `size` x `size` matrix multiply on `device` in `dtype` over `repeats` timings,
+    measured on the first call and cached per (device, dtype, size) for the process."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    product = torch.empty_like(a)
+    calls = 50 if torch.device(device).type == "cuda" else 1  # one call is too short to time alone on a GPU
+
+    def step() -> None:
+        for _ in range(calls):
+            torch.matmul(a, b, out=product)
+
+    step()
+    best = min(_timed(step, device) for _ in range(repeats))
+    return calls * 2 * size**3 / best / 1e9
+
+
+def _timed(step, device: str) -> float:
+    """The seconds `step()` takes, including the work it queues on a CUDA `device`."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -144,7 +165,7 @@ def cpu_peak_tensor_mb(step, live_before: int) -> float:
 def run_case(case: Case, warmup: int, runs: int) -> dict:
     """Measure one case in this process: FLOPs, latencies and peak memory."""
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build_model(case).to(device)
     if case.checkpointing:
@@ -177,14 +198,15 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
 
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         step()
-    first_call = _timed(step)  # includes compilation when compiling
+    first_call = _timed(step, device)  # includes compilation when compiling
     for _ in range(warmup):
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [_timed(step) for _ in range(runs)]
-    # the GEMM rate under the same conditions as the timed runs (the machine's speed drifts between cases)
-    gemm = gemm_gflops(torch.bfloat16 if case.dtype == "bf16" else torch.float32, repeats=10)
+    times = [_timed(step, device) for _ in range(runs)]
+    # the GEMM rate on the case's device under the same conditions as the timed runs (the machine's speed drifts
+    # between cases)
+    gemm = gemm_gflops(device, torch.bfloat16 if case.dtype == "bf16" else torch.float32)
     rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -249,7 +271,9 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
         if checkpointing and task != "train":
             continue
         if model == "upernet-swin":
-            attention = "eager"  # transformers' Swin has no SDPA path
+            # transformers' Swin supports SDPA, but its UperNetForSemanticSegmentation does not: UperNetPreTrainedModel
+            # leaves `_supports_sdpa` at False, so attn_implementation="sdpa" raises a ValueError
+            attention = "eager"
         resolution = CROP_SIZES[size] if resolution == "crop" else int(resolution)
         case = Case(model, size, resolution, batch, task, attention, dtype, compiled, checkpointing)
         if case not in cases:
@@ -337,9 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(run_case(Case(**json.loads(args.case)), args.warmup, args.runs)))
         return
-    peaks = {"fp32": gemm_gflops(torch.float32)}
+    device = default_device()
+    peaks = {"fp32": gemm_gflops(device, torch.float32)}
     if "bf16" in args.dtypes:
-        peaks["bf16"] = gemm_gflops(torch.bfloat16)
+        peaks["bf16"] = gemm_gflops(device, torch.bfloat16)
     print("GEMM rate at the start (2048x2048 matmul): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
     cases = cases_from_args(args)
     results = {case: [] for case in cases}
