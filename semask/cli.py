@@ -28,11 +28,10 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, BaseImageProcessor, PreTrainedModel
 
-from .image_processing_semask import load_image
+from .image_processing_semask import IMAGE_SUFFIXES, load_image
 from .inference import MS_FLIP_SCALES, predict_probabilities
 from .palettes import palette_for_labels
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MODES = ("whole", "slide", "ms+flip")
 LEGEND_ROW_HEIGHT = 20
 LEGEND_WIDTH = 320

@@ -4,7 +4,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-from .presets import PRESET_NAMES, fpn_preset
+from .presets import PRESET_NAMES, fpn_preset, fpn_semantic_attention
 
 SEMANTIC_ATTENTION_KINDS = ("windowed", "global")
 LOSS_REDUCTIONS = ("all_pixels", "valid_pixels")
@@ -32,35 +32,98 @@ def check_class_ids(id2label: dict[int, str] | None) -> None:
 class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a SeMask model (Jain et al., "SeMask: Semantically Masked Transformers for Semantic
-    Segmentation"). The defaults describe SeMask-T with the semantic-FPN head; use
-    [`SemaskConfig.from_preset`] for the released models.
+    Segmentation"): a Swin encoder whose stages end with semantic layers, and the semantic-FPN decode head. The
+    defaults describe SeMask-T with the semantic-FPN head; use [`SemaskConfig.from_preset`] for the released models.
+    The Swin arguments are named as in [`SwinConfig`].
 
-    Swin encoder (names as in `SwinConfig`):
-        image_size (`int`): pre-training image size; only sizes the absolute position embedding.
-        patch_size, num_channels, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
-        hidden_dropout_prob (the original `drop_rate`), attention_probs_dropout_prob, drop_path_rate,
-        hidden_act, use_absolute_embeddings (the original `ape`), layer_norm_eps, initializer_range.
-        patch_norm (`bool`): apply a LayerNorm after the patch embedding.
+    Args:
+        image_size (`int`, *optional*, defaults to 224):
+            The pre-training image size; it only sizes the absolute position embedding.
+        patch_size (`int`, *optional*, defaults to 4):
+            The size (resolution) of each patch.
+        num_channels (`int`, *optional*, defaults to 3):
+            The number of input channels.
+        embed_dim (`int`, *optional*, defaults to 96):
+            Dimensionality of the patch embedding (the width of the first stage; each later stage doubles it).
+        depths (`list[int]`, *optional*, defaults to `[2, 2, 6, 2]`):
+            Number of Swin blocks in each stage of the encoder.
+        num_heads (`list[int]`, *optional*, defaults to `[3, 6, 12, 24]`):
+            Number of attention heads in each stage of the encoder.
+        window_size (`int`, *optional*, defaults to 7):
+            Size of the (shifted) attention windows of the Swin blocks.
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            Ratio of MLP hidden dimensionality to embedding dimensionality.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Whether a learnable bias is added to the queries, keys and values.
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            The dropout probability of the embeddings and the encoder's fully connected layers (the original
+            `drop_rate`).
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            The dropout ratio of the attention probabilities.
+        drop_path_rate (`float`, *optional*, defaults to 0.3):
+            Stochastic depth rate.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            The non-linear activation function in the encoder.
+        use_absolute_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether to add absolute position embeddings to the patch embeddings (the original `ape`).
+        patch_norm (`bool`, *optional*, defaults to `True`):
+            Whether to apply a LayerNorm after the patch embedding.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-05):
+            The epsilon used by the layer normalization layers.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            The standard deviation of the truncated_normal_initializer for initializing all weight matrices.
+        semantic_window_size (`int`, *optional*, defaults to 7):
+            Window size of the windowed semantic attention (never shifted). The semantic layers come after the Swin
+            blocks of every stage.
+        num_semantic_blocks (`list[int]`, *optional*, defaults to `[1, 1, 1, 1]`):
+            Number of semantic attention blocks in each stage; all 0 gives a plain Swin-FPN.
+        semantic_attention (`list[str]`, *optional*):
+            Per stage, `"windowed"` or `"global"` semantic attention. When unset (`None`, the default), the config
+            applies the original SeMask-FPN rule from `embed_dim` and the label count
+            (`semask.presets.fpn_semantic_attention`).
+        semantic_dropout_prob (`float`, *optional*, defaults to 0.1):
+            The dropout probability on the semantic attention output (0.1 in the original).
+        decoder_hidden_size (`int`, *optional*, defaults to 256):
+            The number of channels of the semantic-FPN scale heads (the original `channels`).
+        classifier_dropout_prob (`float`, *optional*, defaults to 0.1):
+            The Dropout2d probability before the classifier (the original `dropout_ratio`).
+        semantic_loss_weight (`float`, *optional*, defaults to 0.4):
+            The weight of the semantic-branch loss (the original `cate_w`).
+        semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
+            The label value ignored by both losses.
+        loss_reduction (`str`, *optional*, defaults to `"all_pixels"`):
+            How each cross-entropy is averaged: `"all_pixels"` divides by all pixels, ignored ones included, as
+            mmsegmentation 0.x does (the original training objective); `"valid_pixels"` divides by the non-ignored
+            pixels, as `torch.nn.CrossEntropyLoss` does.
+        align_corners (`bool`, *optional*, defaults to `False`):
+            The `align_corners` of every bilinear resize in the head and the losses.
+        out_features (`list[str]`, *optional*):
+            If used as backbone, list of features to output. Can be any of `"stem"`, `"stage1"`, `"stage2"`, etc.
+            (depending on how many stages the model has). If unset and `out_indices` is unset, every stage
+            (`"stage1"` to `"stageN"`) is output.
+        out_indices (`list[int]`, *optional*):
+            If used as backbone, list of indices of features to output. Can be any of 0, 1, 2, etc. (depending on
+            how many stages the model has; 0 is the stem). If unset and `out_features` is unset, every stage is
+            output.
 
-    Semantic layers (one after the Swin blocks of every stage):
-        semantic_window_size (`int`): window of the windowed semantic attention (never shifted).
-        num_semantic_blocks (`list[int]`): semantic attention blocks per stage; all 0 gives a plain Swin-FPN.
-        semantic_attention (`list[str]`): per stage, `"windowed"` or `"global"`. The original SeMask-FPN
-            chooses this by a rule in its code (see `semask.presets.fpn_semantic_attention`); here it is explicit.
-        semantic_dropout_prob (`float`): dropout on the semantic attention output (0.1 in the original).
+    Example:
 
-    Semantic-FPN head and losses:
-        decoder_hidden_size (`int`): channels of the FPN scale heads (the original `channels`).
-        classifier_dropout_prob (`float`): Dropout2d before the classifier (the original `dropout_ratio`).
-        semantic_loss_weight (`float`): weight of the semantic-branch loss (the original `cate_w`).
-        semantic_loss_ignore_index (`int`): label value ignored by both losses.
-        loss_reduction (`str`): `"all_pixels"` divides each cross-entropy by all pixels, ignored ones included,
-            as mmsegmentation 0.x does (the original training objective); `"valid_pixels"` divides by the
-            non-ignored pixels, as `torch.nn.CrossEntropyLoss` does.
-        align_corners (`bool`): `align_corners` of every bilinear resize in the head and the losses.
+    ```python
+    >>> from semask import SemaskConfig, SemaskForSemanticSegmentation, SemaskModel
 
-    Backbone use: `out_features` / `out_indices` select among `stem, stage1, ..., stageN` (default: every stage).
-    """
+    >>> # Initializing a SeMask-T (semantic-FPN) style configuration
+    >>> configuration = SemaskConfig()
+
+    >>> # Initializing a model (with random weights) from the SeMask-T style configuration
+    >>> model = SemaskModel(configuration)
+
+    >>> # Accessing the model configuration
+    >>> configuration = model.config
+
+    >>> # The configuration of a released model, with its semantic-FPN head (random weights)
+    >>> configuration = SemaskConfig.from_preset("semask-tiny-fpn-ade20k")
+    >>> model = SemaskForSemanticSegmentation(configuration)
+    ```"""
 
     model_type = "semask"
     preset_names = PRESET_NAMES
@@ -85,7 +148,7 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
     initializer_range: float = 0.02
     semantic_window_size: int = 7
     num_semantic_blocks: list[int] | tuple[int, ...] = (1, 1, 1, 1)
-    semantic_attention: list[str] | tuple[str, ...] = ("windowed", "windowed", "windowed", "windowed")
+    semantic_attention: list[str] | tuple[str, ...] | None = None
     semantic_dropout_prob: float | int = 0.1
     decoder_hidden_size: int = 256
     classifier_dropout_prob: float | int = 0.1
@@ -108,6 +171,8 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.id2label is not None and self.label2id is None:
             self.label2id = {name: index for index, name in self.id2label.items()}
+        if self.semantic_attention is None:
+            self.semantic_attention = fpn_semantic_attention(self.embed_dim, self.num_labels, self.num_layers)
 
     @property
     def has_semantic_layers(self) -> bool:

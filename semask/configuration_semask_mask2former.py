@@ -23,16 +23,36 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
     `num_attention_heads` (NHEADS), `dim_feedforward`, `pre_norm`, `enforce_input_projection`, the loss weights and the
     point-sampling settings as named.
 
-    backbone_config (`SemaskConfig` or `dict`, *optional*):
-        The SeMask-Swin encoder. Its label set is always this config's (the semantic layers predict the same classes
-        as the decoder); without one, a default SeMask-T with the original's semantic-attention rule is used
-        (`semask.presets.mask2former_semantic_attention`).
-    semantic_loss_weight (`float`, *optional*, defaults to 0.4):
-        Weight of the semantic head's cross-entropy (the original CATE_WEIGHT), added to the Mask2Former losses.
-    size_divisibility (`int`, *optional*, defaults to 32):
-        Images are padded (bottom / right, with 0) to a multiple of this before the encoder, as the original
-        meta-architecture does; predictions keep the padded size, and label maps are padded with `ignore_value`.
-    """
+    Args:
+        backbone_config (`SemaskConfig` or `dict`, *optional*):
+            The SeMask-Swin encoder. Its label set is always this config's (the semantic layers predict the same
+            classes as the decoder); without one, a default SeMask-T. Where it leaves `semantic_attention` unset (or
+            is a `dict` without it), the original Mask2Former rule sets it from this config's label count
+            (`semask.presets.mask2former_semantic_attention`).
+        semantic_loss_weight (`float`, *optional*, defaults to 0.4):
+            Weight of the semantic head's cross-entropy (the original CATE_WEIGHT), added to the Mask2Former losses.
+        size_divisibility (`int`, *optional*, defaults to 32):
+            Images are padded (bottom / right, with 0) to a multiple of this before the encoder, as the original
+            meta-architecture does; predictions keep the padded size, and label maps are padded with
+            `ignore_value`.
+
+    Example:
+
+    ```python
+    >>> from semask import SemaskConfig, SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation
+
+    >>> # Initializing a SeMask-Mask2Former configuration with a default SeMask-T encoder
+    >>> configuration = SemaskMask2FormerConfig()
+
+    >>> # Or with an explicit encoder configuration
+    >>> configuration = SemaskMask2FormerConfig(backbone_config=SemaskConfig(embed_dim=96))
+
+    >>> # Initializing a model (with random weights) from the configuration
+    >>> model = SemaskMask2FormerForUniversalSegmentation(configuration)
+
+    >>> # Accessing the model configuration
+    >>> configuration = model.config
+    ```"""
 
     model_type = "semask_mask2former"
     sub_configs_defaults = {"backbone_config": SemaskConfig}
@@ -45,16 +65,19 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
     def __post_init__(self, **kwargs):
         # Built here rather than by `Mask2FormerConfig`, which resolves backbone dicts through transformers' own
         # config mapping (that does not know "semask" in a remote-code process).
-        default_backbone = self.backbone_config is None
+        # The original Mask2Former rule picks the semantic attention kinds the encoder settings leave open.
+        apply_rule = self.backbone_config is None or (
+            isinstance(self.backbone_config, dict) and self.backbone_config.get("semantic_attention") is None
+        )
         if isinstance(self.backbone_config, dict):
             self.backbone_config = SemaskConfig.from_dict(self.backbone_config)
-        elif default_backbone:
+        elif self.backbone_config is None:
             self.backbone_config = SemaskConfig()
         if self.id2label is None and kwargs.get("num_labels") is None:
             self.id2label = self.backbone_config.id2label
         super().__post_init__(**kwargs)
         self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
-        if default_backbone:
+        if apply_rule:
             self.backbone_config.semantic_attention = mask2former_semantic_attention(
                 self.num_labels, self.backbone_config.num_layers
             )

@@ -31,8 +31,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image
 
-from .cli import IMAGE_SUFFIXES
-from .image_processing_semask import IGNORE_INDEX, image_to_array
+from .image_processing_semask import IGNORE_INDEX, IMAGE_SUFFIXES, image_to_array
 from .inference import upright_size
 from .label_files import read_labels_file
 from .presets import DATASET_LABELS, DATASET_PROCESSING
@@ -128,8 +127,18 @@ def load_segmentation_data(
 ) -> SegmentationData:
     """Load `splits` of the dataset described by `args`, with its label names (not yet validated).
 
-    Label names come from `args.labels_file`, the dataset (`id2label.json` in its folder or Hub repository, the
-    demo's names), the dataset preset, or else `default_id2label` (e.g. an evaluated model's labels).
+    Args:
+        args (`DatasetArguments`):
+            Where the data is, and its label names and convention.
+        splits (`tuple[str, ...]`, *optional*, defaults to `("train", "validation")`):
+            The splits to load.
+        default_id2label (`dict[int, str]`, *optional*):
+            Label names for data that names none (e.g. an evaluated model's labels).
+
+    Returns:
+        `SegmentationData`: the splits with the first label names found in: `args.labels_file`,
+        `args.dataset_preset`, the dataset (`id2label.json` in its folder or Hub repository, the demo's names),
+        `default_id2label`, the preset its layout implies (ADEChallengeData2016: ADE20K).
     """
     if args.dataset_preset is not None and args.dataset_preset not in DATASET_LABELS:
         raise DatasetValidationError(
@@ -176,13 +185,14 @@ def _load_splits(args: DatasetArguments, splits: tuple[str, ...]) -> tuple[Datas
             "No dataset given: pass --dataset_name (demo, a Hub id or a folder) or image/label folders."
         )
     root = Path(args.dataset_name)
-    if root.is_dir():
-        found_labels = read_labels_file(root / LABELS_FILE_NAME) if (root / LABELS_FILE_NAME).is_file() else None
-        if (root / "dataset_dict.json").is_file():
-            return _select_columns(load_from_disk(str(root)), args, splits), found_labels, None
-        return _layout_folder_splits(root, splits)
-    dataset = load_dataset(args.dataset_name, args.dataset_config_name)
-    return _select_columns(dataset, args, splits), _hub_labels(args.dataset_name), None
+    if not root.is_dir():
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name)
+        return _select_columns(dataset, args, splits), _hub_labels(args.dataset_name), None
+    found_labels = read_labels_file(root / LABELS_FILE_NAME) if (root / LABELS_FILE_NAME).is_file() else None
+    if (root / "dataset_dict.json").is_file():
+        return _select_columns(load_from_disk(str(root)), args, splits), found_labels, None
+    dataset, is_ade_layout = _layout_folder_splits(root, splits)
+    return dataset, found_labels, "ade20k" if is_ade_layout and found_labels is None else None
 
 
 def _select_columns(dataset: DatasetDict | Dataset, args: DatasetArguments, splits: tuple[str, ...]) -> DatasetDict:
@@ -220,8 +230,9 @@ def _hub_labels(repo_id: str) -> dict[int, str] | None:
         return None
 
 
-def _layout_folder_splits(root: Path, splits: tuple[str, ...]) -> tuple[DatasetDict, dict | None, str | None]:
-    """Splits of a folder with images/ and annotations/ (or labels/), each holding one folder per split."""
+def _layout_folder_splits(root: Path, splits: tuple[str, ...]) -> tuple[DatasetDict, bool]:
+    """Splits of a folder with images/ and annotations/ (or labels/), each holding one folder per split, and whether
+    the folder names are ADEChallengeData2016's (images/ and annotations/)."""
     images_root = _first_existing(root, IMAGE_FOLDER_NAMES)
     labels_root = _first_existing(root, LABEL_FOLDER_NAMES)
     if images_root is None or labels_root is None:
@@ -239,9 +250,7 @@ def _layout_folder_splits(root: Path, splits: tuple[str, ...]) -> tuple[DatasetD
             expected = " or ".join(str(missing_root / name) for name in FOLDER_SPLIT_NAMES[split])
             raise DatasetValidationError(f"Missing {split} split: expected {expected}.")
         dataset[split] = _paired_folder_split(images_dir, labels_dir, split)
-    found_labels = read_labels_file(root / LABELS_FILE_NAME) if (root / LABELS_FILE_NAME).is_file() else None
-    is_ade_layout = images_root.name == "images" and labels_root.name == "annotations"
-    return DatasetDict(dataset), found_labels, "ade20k" if is_ade_layout and found_labels is None else None
+    return DatasetDict(dataset), images_root.name == "images" and labels_root.name == "annotations"
 
 
 def _first_existing(parent: Path, names: tuple[str, ...]) -> Path | None:

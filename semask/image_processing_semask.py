@@ -116,6 +116,10 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# File suffixes of the images that the command line and the training data read from folders.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Decode the image file at `path` fully (as `upright_rgb`); a ValueError naming the file if it cannot be read."""
     try:

@@ -4,6 +4,7 @@ The Swin blocks, patch embedding and patch merging are transformers' own Swin mo
 load by name); this file adds the semantic layers, the per-stage output norms, the semantic-FPN head and the losses.
 """
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -13,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModel, PreTrainedModel
+from transformers import AttentionInterface, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.swin.modeling_swin import (
     SwinAttention,
     SwinLayer,
@@ -29,13 +29,14 @@ from transformers.models.swin.modeling_swin import (
     window_partition,
     window_reverse,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.models.upernet.modeling_upernet import UperNetConvModule
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import SemaskConfig, settings_equal
-from .fused_kernels import FusedConvModule, FusedLinear, linear, linear_gelu, paired_linear, use_fused_linears
-from .presets import fpn_semantic_attention
+from .sizes import padded_to, round_up, sizes_differ
 
 logger = logging.get_logger(__name__)
 
@@ -54,6 +55,10 @@ SWIN_ARCHITECTURE_KEYS = (
     "hidden_act",
     "layer_norm_eps",
 )
+
+# transformers' attention functions, as the SeMask modules look them up: an instance of transformers'
+# `AttentionInterface` whose local mapping `cpu_inference` gives its CPU-inference SDPA (for no other model).
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_semask.SemaskConfig",
@@ -123,18 +128,24 @@ def tokens_to_map(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return tokens.unflatten(1, size).permute(0, 3, 1, 2)
 
 
-def round_up(size: int, multiple: int) -> int:
-    """`size` rounded up to a multiple of `multiple`, written so that torch.export sees that it divides evenly."""
-    return (size + multiple - 1) // multiple * multiple
+def pad_bottom_right(
+    tensor: torch.Tensor, padded_size: tuple[int, int], value: float = 0.0, channels_last: bool = False
+) -> torch.Tensor:
+    """`tensor` padded with `value` on the bottom / right to `padded_size`: its last two dimensions are (height,
+    width), or the two before the last with `channels_last` ((batch, height, width, channels) maps)."""
+    size = tensor.shape[-3:-1] if channels_last else tensor.shape[-2:]
+    if not sizes_differ(size, padded_size):
+        return tensor
+    pad = (0, padded_size[1] - size[1], 0, padded_size[0] - size[0])
+    return F.pad(tensor, (0, 0, *pad) if channels_last else pad, value=value)
 
 
-def needs_padding(size: tuple[int, int], padded_size: tuple[int, int]) -> bool:
-    """Whether a map of `size` must be padded to `padded_size`.
-
-    Always while exporting: sizes are symbolic there, and a branch on them would fix the exported graph to one
-    case (padding by 0 changes nothing).
-    """
-    return torch.compiler.is_exporting() or tuple(size) != tuple(padded_size)
+def crop_map(hidden_states: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (batch, height, width, channels) map cropped to its top-left `size`, as a contiguous tensor."""
+    if not sizes_differ(hidden_states.shape[1:3], size):
+        return hidden_states
+    # a copy rather than .contiguous(), which would ask whether the (symbolic) crop happens to be contiguous
+    return hidden_states[:, : size[0], : size[1]].clone(memory_format=torch.contiguous_format)
 
 
 class SemaskEmbeddings(nn.Module):
@@ -160,9 +171,7 @@ class SemaskEmbeddings(nn.Module):
             )
         size = pixel_values.shape[-2:]
         padded_size = tuple(round_up(length, patch) for length, patch in zip(size, self.patch_embeddings.patch_size))
-        if needs_padding(size, padded_size):
-            pad = (0, padded_size[1] - size[1], 0, padded_size[0] - size[0])
-            pixel_values = F.pad(pixel_values, pad)
+        pixel_values = pad_bottom_right(pixel_values, padded_size)
         embeddings, size = self.patch_embeddings(pixel_values)
         if self.norm is not None:
             embeddings = self.norm(embeddings)
@@ -179,54 +188,46 @@ class SemaskEmbeddings(nn.Module):
 class SemaskSemanticAttention(nn.Module):
     """One semantic attention block: single-head attention whose queries and keys are class scores.
 
-    `softmax(q kᵀ)` has no 1/sqrt(d) scaling and is computed in float32 even under autocast. The output is
-    `x + gamma * dropout(o_proj(attention(x)))`; `q` is the block's semantic prior.
+    `x + gamma * dropout(o_proj(softmax(q kᵀ) v))` with `q, k, v` linear projections of `x`; `q` (one channel per
+    class) is the block's semantic prior. The softmax has no 1/sqrt(d) scaling and runs in float32, also under
+    autocast.
     """
 
     def __init__(self, config: SemaskConfig, dim: int):
         super().__init__()
         self.config = config
         self.is_causal = False
-        self.q_proj = FusedLinear(dim, config.num_labels)
-        self.k_proj = FusedLinear(dim, config.num_labels)
-        self.v_proj = FusedLinear(dim, dim)
-        self.o_proj = FusedLinear(dim, dim)
+        self.q_proj = nn.Linear(dim, config.num_labels)
+        self.k_proj = nn.Linear(dim, config.num_labels)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(config.semantic_dropout_prob)
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        prior, key = paired_linear(hidden_states, self.q_proj, self.k_proj)
-        value = self.v_proj(hidden_states)
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            attn_output, attn_weights = self._attention(prior.float(), key.float(), value.float())
-        attn_output = attn_output.to(value.dtype)
-        if self.training:
-            hidden_states = hidden_states + self.gamma * self.dropout(self.o_proj(attn_output))
-        else:
-            hidden_states = linear(attn_output, self.o_proj, residual=hidden_states, scale=self.gamma)
-        return hidden_states, prior, attn_weights
+        """(windows, tokens, dim) tokens → the new tokens, the prior (windows, tokens, num_labels) and, in eager
+        mode, the attention weights (windows, 1, tokens, tokens)."""
+        prior, key, value = self.project(hidden_states)
+        attn_output, attn_weights = self.attend(prior, key, value)
+        return self.add_output(hidden_states, attn_output), prior, attn_weights
 
-    def _attention(
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`softmax(query keyᵀ) value` over the tokens of (windows, tokens, width) inputs.
-
-        Returns the output and, in eager mode, the weights as (windows, 1, tokens, tokens) (one head).
-
-        The queries and keys (one channel per class) differ in width from the values, which leaves PyTorch's SDPA
-        without a fused CPU kernel: its math fallback is slower than two matmuls, so on CPUs SDPA mode runs these.
-        """
-        eager = self.config._attn_implementation == "eager"
-        if eager or query.device.type == "cpu":
-            weights = torch.softmax(torch.bmm(query, key.transpose(1, 2)), dim=-1)
-            return torch.bmm(weights, value), weights.unsqueeze(1) if eager else None
+        """`softmax(query keyᵀ) value` in float32, as one head of the configured attention implementation."""
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, weights = attention_interface(
-            self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), None, dropout=0.0, scaling=1.0
-        )
-        return output.squeeze(2), weights
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            query, key, one_head_value = (tensor.float().unsqueeze(1) for tensor in (query, key, value))
+            output, weights = attention_interface(self, query, key, one_head_value, None, dropout=0.0, scaling=1.0)
+        return output.reshape(value.shape).to(value.dtype), weights
+
+    def add_output(self, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.gamma * self.dropout(self.o_proj(attn_output))
 
 
 class SemaskSemanticLayer(GradientCheckpointingLayer):
@@ -244,159 +245,110 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         self.window_size = window_size
 
     def forward(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_size, _, channels = hidden_states.shape
-        if batch_size > 1 and self._runs_image_by_image(hidden_states):
-            outputs = [self(image, size) for image in hidden_states.split(1)]
-            return torch.cat([output for output, _ in outputs]), torch.cat([prior for _, prior in outputs])
-        height, width = size
         hidden_states = self.layernorm(hidden_states)
         if self.window_size is not None:
-            window = self.window_size
-            hidden_states = hidden_states.view(batch_size, height, width, channels)
-            padded_size = (round_up(height, window), round_up(width, window))
-            if needs_padding(size, padded_size):
-                pad = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
-                hidden_states = F.pad(hidden_states, pad)
-            hidden_states = window_partition(hidden_states, window).view(-1, window * window, channels)
+            hidden_states = self._partition_windows(hidden_states, size)
         for block in self.blocks:
             hidden_states, prior, _ = block(hidden_states)
         if self.window_size is not None:
-            hidden_states = self._merge_windows(hidden_states, padded_size, size)
-            prior = self._merge_windows(prior, padded_size, size)
-        else:  # (the prior can be a view into the class scores of `paired_linear`)
-            prior = prior.contiguous()
+            hidden_states = self._merge_windows(hidden_states, size)
+            prior = self._merge_windows(prior, size)
         return hidden_states, tokens_to_map(prior, size)
 
-    def _runs_image_by_image(self, hidden_states: torch.Tensor) -> bool:
-        """Whether a batch goes through one image at a time: in CPU inference without autograd (not while
-        compiling or exporting), in SDPA mode (eager mode records each block's attention weights for the whole batch).
+    def _partition_windows(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        batch_size, _, channels = hidden_states.shape
+        window = self.window_size
+        hidden_states = hidden_states.view(batch_size, *size, channels)
+        hidden_states = pad_bottom_right(hidden_states, padded_to(size, window), channels_last=True)
+        return window_partition(hidden_states, window).view(-1, window * window, channels)
 
-        The results are the same, and the temporaries (class scores, values, attention weights: large in early
-        stages) are one image's size, which the CPU allocator reuses instead of mapping fresh memory for each of
-        them. (GPUs have a caching allocator, and run a whole batch faster.)
-        """
-        return not (
-            hidden_states.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or self.config._attn_implementation == "eager"
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-        )
-
-    def _merge_windows(
-        self, windows: torch.Tensor, padded_size: tuple[int, int], size: tuple[int, int]
-    ) -> torch.Tensor:
-        channels = windows.shape[-1]
-        windows = windows.view(-1, self.window_size, self.window_size, channels)
-        merged = window_reverse(windows, self.window_size, *padded_size)
-        if needs_padding(size, padded_size):
-            merged = merged[:, : size[0], : size[1]].clone(memory_format=torch.contiguous_format)
-        return merged.view(merged.shape[0], size[0] * size[1], channels)
+    def _merge_windows(self, windows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        window, channels = self.window_size, windows.shape[-1]
+        padded_size = padded_to(size, window)
+        merged = window_reverse(windows.view(-1, window, window, channels), window, *padded_size)
+        return crop_map(merged, size).view(merged.shape[0], size[0] * size[1], channels)
 
 
 class SemaskSwinAttention(SwinAttention):
-    """transformers' `SwinAttention`; in SDPA mode on CPUs, without autograd, the windows attend through two
-    batched matmuls, adding the relative-position bias and the shift mask in place.
+    """transformers' `SwinAttention` (same weights and computation), attending through `ALL_ATTENTION_FUNCTIONS`.
 
-    PyTorch's CPU SDPA kernel is slower than that on Swin's 49-token windows. Elsewhere (other devices, training,
-    torch.compile and export) this is transformers' attention.
+    The relative-position bias and the shift mask are added to the scores as one (windows, heads, tokens, tokens)
+    mask, built per window of one image and only expanded (without a copy for one image) to the batch.
     """
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if (
-            self.config._attn_implementation != "sdpa"
-            or hidden_states.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-        ):
-            return super().forward(hidden_states, attention_mask, **kwargs)
         windows, tokens, channels = hidden_states.shape
         heads_shape = (windows, tokens, self.num_attention_heads, self.head_dim)
         query, key, value = (
             projection(hidden_states).view(heads_shape).transpose(1, 2)
             for projection in (self.q_proj, self.k_proj, self.v_proj)
         )
-        scores = torch.matmul(query, key.transpose(2, 3)).mul_(self.scaling).add_(self.relative_position_bias())
-        if attention_mask is not None:  # (windows per image, tokens, tokens), the same for every image
-            scores.view(-1, *attention_mask.shape[:1], *scores.shape[1:]).add_(attention_mask.unsqueeze(1))
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        output = torch.matmul(weights, value).transpose(1, 2).reshape(windows, tokens, channels)
-        return self.o_proj(output), None
+        mask = self.relative_position_bias()  # (1, heads, tokens, tokens)
+        if attention_mask is not None:  # the shift mask, (windows per image, tokens, tokens)
+            mask = mask + attention_mask.unsqueeze(1)
+            mask = mask.expand(windows // mask.shape[0], *mask.shape).reshape(windows, *mask.shape[1:])
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(windows, tokens, channels)), weights
 
 
 class SemaskSwinLayer(SwinLayer):
-    """transformers' `SwinLayer` (same weights and computation) with no branch on the map size, for torch.export.
-
-    Windows always partition the map: a window larger than the map is padded, never shrunk (as in the original).
-    Its linear layers run on oneDNN's fused kernels in CPU inference (see `fused_kernels`).
-    """
+    """transformers' `SwinLayer` (same weights and computation) with windows that always partition the map (a window
+    larger than the map is padded, never shrunk, as in the original) and no branch on the map size (for
+    torch.export)."""
 
     def __init__(
         self, config: SemaskConfig, dim: int, num_heads: int, drop_path_rate: float = 0.0, shift_size: int = 0
     ):
         super().__init__(config, dim, None, num_heads, drop_path_rate=drop_path_rate, shift_size=shift_size)
         self.attention = SemaskSwinAttention(config, dim, num_heads, window_size=config.window_size)
-        use_fused_linears(self)
-        self.exact_gelu = config.hidden_act == "gelu"
-
-    def maybe_pad(self, hidden_states: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-        window = self.window_size
-        padded_size = (round_up(height, window), round_up(width, window))
-        pad_values = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
-        if needs_padding((height, width), padded_size):
-            hidden_states = F.pad(hidden_states, pad_values)
-        return hidden_states, pad_values
 
     def forward(
-        self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], **kwargs
+        self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        height, width = input_dimensions
+        size, window = input_dimensions, self.window_size
         batch_size, _, channels = hidden_states.shape
         shortcut = hidden_states
-        hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
-        hidden_states, _ = self.maybe_pad(hidden_states, height, width)
-        _, height_pad, width_pad, _ = hidden_states.shape
-        windows = window_partition(self.cyclic_shift(hidden_states), self.window_size)
-        windows = windows.view(-1, self.window_size * self.window_size, channels)
-        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=hidden_states.dtype, device=windows.device)
+        hidden_states = self.layernorm_before(hidden_states).view(batch_size, *size, channels)
+        hidden_states = pad_bottom_right(hidden_states, padded_to(size, window), channels_last=True)
+        padded_size = hidden_states.shape[1:3]
+        windows = window_partition(self.cyclic_shift(hidden_states), window).view(-1, window * window, channels)
+        attn_mask = self.get_attn_mask(*padded_size, dtype=hidden_states.dtype, device=windows.device)
         attention_output, attn_weights = self.attention(windows, attn_mask, **kwargs)
-        attention_windows = self.dropout(attention_output).view(-1, self.window_size, self.window_size, channels)
-        attention_windows = window_reverse(attention_windows, self.window_size, height_pad, width_pad)
-        attention_windows = self.cyclic_shift(attention_windows, reverse=True)
-        if needs_padding((height, width), (height_pad, width_pad)):
-            # a copy rather than .contiguous(), which would ask whether the (symbolic) crop happens to be contiguous
-            attention_windows = attention_windows[:, :height, :width].clone(memory_format=torch.contiguous_format)
-        attention_windows = attention_windows.view(batch_size, height * width, channels)
-        if self.training:
-            hidden_states = shortcut + self.drop_path(attention_windows)
-        else:  # the merged windows are this call's own copy: add the shortcut into it
-            hidden_states = attention_windows.add_(shortcut)
-        return self._add_mlp(hidden_states), attn_weights
+        attention_windows = self.dropout(attention_output).view(-1, window, window, channels)
+        attention_windows = self.cyclic_shift(window_reverse(attention_windows, window, *padded_size), reverse=True)
+        attention_output = crop_map(attention_windows, size).view(batch_size, size[0] * size[1], channels)
+        hidden_states = self.add_attention(shortcut, attention_output)
+        return self.add_mlp(hidden_states), attn_weights
 
-    def _add_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`hidden_states + dropout(mlp(layernorm_after(hidden_states)))`, fused where inference allows it."""
-        normed = self.layernorm_after(hidden_states)
-        if self.training or not self.exact_gelu:
-            return hidden_states + self.dropout(self.mlp(normed))
-        return linear(linear_gelu(normed, self.mlp.fc1), self.mlp.fc2, residual=hidden_states)
+    def add_attention(self, shortcut: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        return shortcut + self.drop_path(attention_output)
+
+    def add_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
 class SemaskPatchMerging(SwinPatchMerging):
-    """transformers' `SwinPatchMerging` with no branch on the map size while exporting, and a `FusedLinear`."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        use_fused_linears(self)
+    """transformers' `SwinPatchMerging` with no branch on the map size while exporting."""
 
     def maybe_pad(self, input_feature: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        padded_size = (round_up(height, 2), round_up(width, 2))
-        if needs_padding((height, width), padded_size):
-            pad = (0, 0, 0, padded_size[1] - width, 0, padded_size[0] - height)
-            input_feature = F.pad(input_feature, pad)
-        return input_feature
+        return pad_bottom_right(input_feature, padded_to((height, width), 2), channels_last=True)
 
 
 class SemaskStage(nn.Module):
@@ -455,6 +407,29 @@ class SemaskEncoder(nn.Module):
         )
 
 
+def load_swin(swin_model_name_or_path: str) -> PreTrainedModel:
+    """A transformers Swin checkpoint (`SwinModel`, `SwinBackbone` or `SwinForImageClassification`); a ValueError
+    for other model types."""
+    swin = AutoModel.from_pretrained(swin_model_name_or_path)
+    if swin.config.model_type != "swin":
+        raise ValueError(f"Expected a Swin checkpoint, got model_type {swin.config.model_type!r}.")
+    return swin
+
+
+def swin_encoder_settings(swin_config: PreTrainedConfig, **config_kwargs) -> dict:
+    """`SemaskConfig` keyword arguments for an encoder on a Swin checkpoint: its architecture, a semantic window
+    equal to the Swin window, then `config_kwargs`; a ValueError where these contradict the architecture."""
+    swin_arch = {key: getattr(swin_config, key) for key in SWIN_ARCHITECTURE_KEYS}
+    conflicts = {
+        key: value
+        for key, value in config_kwargs.items()
+        if key in swin_arch and not settings_equal(value, swin_arch[key])
+    }
+    if conflicts:
+        raise ValueError(f"These settings contradict the Swin checkpoint's architecture {swin_arch}: {conflicts}.")
+    return {**swin_arch, "semantic_window_size": swin_arch["window_size"], **config_kwargs}
+
+
 class SemaskPreTrainedModel(PreTrainedModel):
     config: SemaskConfig
     base_model_prefix = "semask"
@@ -472,10 +447,12 @@ class SemaskPreTrainedModel(PreTrainedModel):
     }
     _keys_to_ignore_on_load_unexpected = [r"relative_position_index"]
 
-    def __init__(self, config: SemaskConfig, *inputs, **kwargs):
-        super().__init__(config, *inputs, **kwargs)
-        # Saved folders name every semask class, so one folder serves all Auto classes with trust_remote_code.
-        self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+    def post_init(self) -> None:
+        super().post_init()
+        with_remote_code_auto_map(self.config, REMOTE_CODE_AUTO_MAP)
+        from .cpu_inference import use_cpu_inference_kernels
+
+        use_cpu_inference_kernels(self)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -496,42 +473,45 @@ class SemaskPreTrainedModel(PreTrainedModel):
     ) -> "SemaskPreTrainedModel | tuple[SemaskPreTrainedModel, dict[str, list[str]]]":
         """A SeMask model whose Swin encoder comes from a transformers Swin checkpoint (how SeMask is trained).
 
-        `swin_model_name_or_path` is a folder or Hub id saved from `SwinModel`, `SwinBackbone` or
-        `SwinForImageClassification` (e.g. ``microsoft/swin-tiny-patch4-window7-224``). The Swin architecture
-        comes from its config; `config_kwargs` set the rest (labels, semantic layers, head). Semantic layers,
-        output norms and the decode head are freshly initialised. Unless given, `semantic_attention` follows the
-        original SeMask-FPN rule and `semantic_window_size` equals the Swin window. The weights that were not
-        loaded and the checkpoint weights that were not used are logged, and returned with `output_loading_info`.
+        Args:
+            swin_model_name_or_path (`str`):
+                A folder or Hub id saved from `SwinModel`, `SwinBackbone` or `SwinForImageClassification` (e.g.
+                ``microsoft/swin-tiny-patch4-window7-224``). The Swin architecture comes from its config.
+            output_loading_info (`bool`, *optional*, defaults to `False`):
+                Also return `{"missing_keys": [...], "unexpected_keys": [...]}`: the weights that were not loaded
+                and the checkpoint weights that were not used (both are logged).
+            config_kwargs:
+                The other `SemaskConfig` settings (labels, semantic layers, head). `semantic_window_size` defaults
+                to the Swin window. Semantic layers, output norms and the decode head are freshly initialised.
         """
-        swin = AutoModel.from_pretrained(swin_model_name_or_path)
-        if swin.config.model_type != "swin":
-            raise ValueError(f"Expected a Swin checkpoint, got model_type {swin.config.model_type!r}.")
-        swin_arch = {key: getattr(swin.config, key) for key in SWIN_ARCHITECTURE_KEYS}
-        conflicts = {
-            key: value
-            for key, value in config_kwargs.items()
-            if key in swin_arch and not settings_equal(value, swin_arch[key])
-        }
-        if conflicts:
-            raise ValueError(f"These settings contradict the Swin checkpoint's architecture {swin_arch}: {conflicts}.")
-        config = SemaskConfig(**{**swin_arch, "semantic_window_size": swin_arch["window_size"], **config_kwargs})
-        if "semantic_attention" not in config_kwargs:
-            config.semantic_attention = fpn_semantic_attention(config.embed_dim, config.num_labels, config.num_layers)
-        model = cls(config)
+        swin = load_swin(swin_model_name_or_path)
+        model = cls(SemaskConfig(**swin_encoder_settings(swin.config, **config_kwargs)))
+        info = model.load_swin_weights(swin, swin_model_name_or_path)
+        model.eval()
+        return (model, info) if output_loading_info else model
+
+    def load_swin_weights(self, swin: PreTrainedModel, source: str) -> dict[str, list[str]]:
+        """Load a transformers Swin model's weights into this model's encoder (matching names); log and return the
+        weights left as they were (`missing_keys`) and the Swin weights not used (`unexpected_keys`)."""
         swin_state = swin.state_dict()
-        unused = model.base_model.load_state_dict(swin_state, strict=False).unexpected_keys
-        prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
+        unused = self.base_model.load_state_dict(swin_state, strict=False).unexpected_keys
+        prefix = f"{self.base_model_prefix}." if self.base_model is not self else ""
         loaded = {prefix + key for key in swin_state}
-        info = {"missing_keys": [key for key in model.state_dict() if key not in loaded], "unexpected_keys": unused}
+        info = {"missing_keys": [key for key in self.state_dict() if key not in loaded], "unexpected_keys": unused}
         logger.warning(
             "Initialised %s from the Swin weights of %s. Newly initialised: %s. Unused checkpoint weights: %s.",
-            cls.__name__,
-            swin_model_name_or_path,
+            type(self).__name__,
+            source,
             summarize_keys(info["missing_keys"]),
             summarize_keys(info["unexpected_keys"]) or "none",
         )
-        model.eval()
-        return (model, info) if output_loading_info else model
+        return info
+
+
+def with_remote_code_auto_map(config: PreTrainedConfig, auto_map: dict[str, str]) -> None:
+    """Name every class of the model's remote code in `config.auto_map` (keeping entries already there), so one saved
+    folder serves all Auto classes with `trust_remote_code=True`."""
+    config.auto_map = {**auto_map, **(getattr(config, "auto_map", None) or {})}
 
 
 def summarize_keys(keys: list[str]) -> str:
@@ -555,10 +535,16 @@ class SemaskModel(SemaskPreTrainedModel):
         self.post_init()
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> SemaskModelOutput:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> SemaskModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images of any size; they are padded right/bottom to a multiple of the patch size.
+        output_hidden_states (`bool`, *optional*):
+            Return each stage's token stream in `hidden_states`.
+        output_attentions (`bool`, *optional*):
+            Return the window attention weights in `attentions` (eager attention only).
+        output_semantic_attentions (`bool`, *optional*):
+            Return the semantic attention weights in `semantic_attentions` (eager attention only).
         """
         wants_attentions = kwargs.get("output_attentions") or kwargs.get("output_semantic_attentions")
         if wants_attentions and self.config._attn_implementation != "eager":
@@ -578,6 +564,41 @@ class SemaskModel(SemaskPreTrainedModel):
         return SemaskModelOutput(
             last_hidden_state=last_hidden_state, feature_maps=feature_maps, semantic_priors=priors or None
         )
+
+
+def sum_of_upsampled_priors(priors: tuple[torch.Tensor, ...], align_corners: bool) -> torch.Tensor:
+    """The semantic branch of both heads: the sum of the priors, prior i upsampled x2 (bilinear) i times and resized
+    to the first prior's size where odd sizes make them differ.
+
+    When each prior is exactly half the size of the one before, the sum is accumulated coarse to fine,
+    `p0 + up(p1 + up(p2 + up(p3)))`: upsampling is linear, so this is the same sum (up to float rounding) with
+    half the upsampling.
+    """
+    upsample = functools.partial(F.interpolate, scale_factor=2, mode="bilinear", align_corners=align_corners)
+    sizes = [prior.shape[-2:] for prior in priors]
+    if not any(sizes_differ(big, (2 * small[0], 2 * small[1])) for big, small in zip(sizes, sizes[1:])):
+        total = priors[-1]
+        for prior in reversed(priors[:-1]):
+            total = upsample(total) + prior
+        return total
+    upsampled = []
+    for index, prior in enumerate(priors):
+        for _ in range(index):
+            prior = upsample(prior)
+        upsampled.append(prior)
+    return sum_at_first_size(upsampled, align_corners)
+
+
+def sum_at_first_size(maps: list[torch.Tensor], align_corners: bool) -> torch.Tensor:
+    """The sum of `maps`, each resized (bilinear) to the first one's size where it differs."""
+    output = maps[0]
+    for feature_map in maps[1:]:
+        if sizes_differ(feature_map.shape[-2:], output.shape[-2:]):
+            feature_map = F.interpolate(
+                feature_map, size=output.shape[-2:], mode="bilinear", align_corners=align_corners
+            )
+        output = output + feature_map
+    return output
 
 
 class SemaskFPNHead(nn.Module):
@@ -604,45 +625,22 @@ class SemaskFPNHead(nn.Module):
         )
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
         self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, kernel_size=1)
-        self.upsample = self._upsample()
-
-    def _upsample(self) -> nn.Upsample:
-        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=self.align_corners)
 
     def _scale_head(self, in_channels: int, channels: int, index: int) -> nn.Sequential:
         layers = []
         for step in range(max(1, index)):
-            layers.append(FusedConvModule(in_channels if step == 0 else channels, channels, 3, padding=1))
+            layers.append(UperNetConvModule(in_channels if step == 0 else channels, channels, 3, padding=1))
             if index > 0:
-                layers.append(self._upsample())
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=self.align_corners))
         return nn.Sequential(*layers)
-
-    def _sum_at_first_size(self, maps: list[torch.Tensor], into_first: bool = False) -> torch.Tensor:
-        """The sum of `maps`, each resized to the first one's size; `into_first` adds in place into `maps[0]`."""
-        output = maps[0]
-        for feature_map in maps[1:]:
-            # resizing to the same size is an exact copy: always done while exporting, where sizes are symbolic
-            if torch.compiler.is_exporting() or feature_map.shape[-2:] != output.shape[-2:]:
-                feature_map = F.interpolate(
-                    feature_map, size=output.shape[-2:], mode="bilinear", align_corners=self.align_corners
-                )
-            output = output.add_(feature_map) if into_first else output + feature_map
-        return output
-
-    def _run_scale_head(self, head: nn.Sequential, feature_map: torch.Tensor) -> torch.Tensor:
-        if not (self.gradient_checkpointing and self.training):
-            return head(feature_map)
-        if torch.compiler.is_compiling():  # compiled graphs recompute without mutating the statistics again
-            return checkpoint(head, feature_map, use_reentrant=False)
-        context_fn = lambda: (nullcontext(), running_statistics_restored(head))  # noqa: E731
-        return checkpoint(head, feature_map, use_reentrant=False, context_fn=context_fn)
 
     def forward(
         self, feature_maps: tuple[torch.Tensor, ...], semantic_priors: tuple[torch.Tensor, ...] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.classifier(self.dropout(self._fpn_sum(feature_maps)))
-        semantic_logits = None if semantic_priors is None else self._semantic_branch(semantic_priors)
-        return logits, semantic_logits
+        if semantic_priors is None:
+            return logits, None
+        return logits, sum_of_upsampled_priors(semantic_priors, self.align_corners)
 
     def _fpn_sum(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The scale heads' outputs summed at the first one's size.
@@ -650,50 +648,39 @@ class SemaskFPNHead(nn.Module):
         The heads after the first end with the same x2 upsample: when their maps before it share a size (always
         but for some odd input sizes), these maps are summed and upsampled once.
         """
-        # without autograd the maps are this call's temporaries: summing in place saves allocating full-size maps
-        in_place = not torch.is_grad_enabled()
-        first = self._run_scale_head(self.scale_heads[0], feature_maps[0])
+        run = functools.partial(checkpointed, self, restore_batch_norm_statistics=True)
+        first = run(self.scale_heads[0], feature_maps[0])
         heads = self.scale_heads[1:]
-        before_upsample = [self._run_scale_head(head[:-1], x) for head, x in zip(heads, feature_maps[1:])]
+        before_upsample = [run(head[:-1], x) for head, x in zip(heads, feature_maps[1:])]
         if not before_upsample:
             return first
-        # (no test on symbolic sizes while exporting: it would restrict the exported graph to one case)
-        if torch.compiler.is_exporting() or len({tuple(x.shape[-2:]) for x in before_upsample}) > 1:
+        if sizes_differ(*(x.shape[-2:] for x in before_upsample)):
             upsampled = [head[-1](x) for head, x in zip(heads, before_upsample)]
-            return self._sum_at_first_size([first, *upsampled], into_first=in_place)
-        upsampled = self.upsample(self._sum_at_first_size(before_upsample, into_first=in_place))
-        return self._sum_at_first_size([first, upsampled], into_first=in_place)
+            return sum_at_first_size([first, *upsampled], self.align_corners)
+        upsampled = heads[0][-1](sum_at_first_size(before_upsample, self.align_corners))
+        return sum_at_first_size([first, upsampled], self.align_corners)
 
-    def _semantic_branch(self, priors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The sum of the priors, prior i upsampled x2 i times (and resized to the first size if they differ).
 
-        When each prior is exactly half the size of the one before, the sum is accumulated coarse to fine,
-        `p0 + up(p1 + up(p2 + up(p3)))`: bilinear upsampling is linear, so this is the same sum (up to float
-        rounding) with half the upsampling.
-        """
-        sizes = [prior.shape[-2:] for prior in priors]
-        # (no test on symbolic sizes while exporting: it would restrict the exported graph to one case)
-        if not torch.compiler.is_exporting() and all(
-            2 * small[0] == big[0] and 2 * small[1] == big[1] for big, small in zip(sizes, sizes[1:])
-        ):
-            total = priors[-1]
-            for prior in reversed(priors[:-1]):
-                total = self.upsample(total).add_(prior)  # (upsampling's backward does not need its output)
-            return total
-        upsampled = []
-        for index, prior in enumerate(priors):
-            for _ in range(index):
-                prior = self.upsample(prior)
-            upsampled.append(prior)
-        return self._sum_at_first_size(upsampled)
+def checkpointed(
+    owner: nn.Module, function: Callable, *args: torch.Tensor, restore_batch_norm_statistics: bool = False
+) -> torch.Tensor:
+    """`function(*args)`, recomputed in the backward pass when `owner` trains with gradient checkpointing.
+
+    With `restore_batch_norm_statistics`, the batch-norm running statistics of `function` (a module) are put back
+    after the recomputation, so each training step updates them once (compiled graphs recompute without mutating
+    them again).
+    """
+    if not (owner.gradient_checkpointing and owner.training):
+        return function(*args)
+    if not restore_batch_norm_statistics or torch.compiler.is_compiling():
+        return checkpoint(function, *args, use_reentrant=False)
+    context_fn = lambda: (nullcontext(), running_statistics_restored(function))  # noqa: E731
+    return checkpoint(function, *args, use_reentrant=False, context_fn=context_fn)
 
 
 @contextmanager
 def running_statistics_restored(module: nn.Module) -> Iterator[None]:
-    """Batch-norm running statistics in `module` are put back as they were when the block exits.
-
-    Used while checkpointed layers are recomputed, so that each training step updates the statistics once.
-    """
+    """Batch-norm running statistics in `module` are put back as they were when the block exits."""
     saved = [
         (buffer, buffer.clone())
         for norm in module.modules()
@@ -743,7 +730,7 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
     ) -> SemaskSemanticSegmenterOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -757,8 +744,9 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
         logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
         loss = None
         if labels is not None:
-            decode_loss, semantic_loss = self.losses(logits, semantic_logits, labels)
-            loss = decode_loss if semantic_loss is None else decode_loss + semantic_loss
+            loss = self.decode_loss(logits, labels)
+            if semantic_logits is not None:
+                loss = loss + self.semantic_loss(semantic_logits, labels)
         return SemaskSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
@@ -774,26 +762,24 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
         the ignore index."""
         check_label_maps(labels, pixel_values, self.config.num_labels, self.config.semantic_loss_ignore_index)
 
-    def losses(
-        self, logits: torch.Tensor, semantic_logits: torch.Tensor | None, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The original's two loss terms: decode cross-entropy and `semantic_loss_weight` x semantic cross-entropy.
+    def decode_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The original's decode loss: cross-entropy of the logits resized (bilinear) to the label size."""
+        return checkpointed(self.decode_head, self.cross_entropy, logits, labels)
 
-        Both stride-4 maps are resized (bilinear) to the label size first. With gradient checkpointing the
-        full-resolution logits are not kept for the backward pass but recomputed there.
-        """
-        decode_loss = self._checkpointed_cross_entropy(logits, labels)
-        if semantic_logits is None:
-            return decode_loss, None
-        return decode_loss, self.config.semantic_loss_weight * self._checkpointed_cross_entropy(semantic_logits, labels)
+    def semantic_loss(self, semantic_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The original's semantic loss: `semantic_loss_weight` x the cross-entropy of the resized semantic logits."""
+        return self.config.semantic_loss_weight * checkpointed(
+            self.decode_head, self.cross_entropy, semantic_logits, labels
+        )
 
-    def _checkpointed_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.decode_head.gradient_checkpointing and self.training:
-            return checkpoint(self._cross_entropy, logits, labels, use_reentrant=False)
-        return self._cross_entropy(logits, labels)
+    def upsampled(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Stride-4 logits resized (bilinear) to `size`, as the losses resize them."""
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.config.align_corners)
 
-    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.config.align_corners)
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the resized `logits`, reduced by `config.loss_reduction` (with gradient checkpointing the
+        full-resolution logits are recomputed in the backward pass rather than kept)."""
+        logits = self.upsampled(logits, labels.shape[-2:])
         ignore_index = self.config.semantic_loss_ignore_index
         if self.config.loss_reduction == "valid_pixels":
             return F.cross_entropy(logits, labels, ignore_index=ignore_index)
@@ -811,7 +797,11 @@ class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
 
     @can_return_tuple
     @filter_output_hidden_states
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BackboneOutput:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images of any size.
+        """
         outputs = self.semask(pixel_values, **kwargs)
         maps = dict(zip(self.stage_names[1:], outputs.feature_maps))
         maps["stem"] = tokens_to_map(outputs.hidden_states[0], outputs.feature_maps[0].shape[-2:])

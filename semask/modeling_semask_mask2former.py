@@ -5,7 +5,6 @@ and the Hungarian-matching losses are transformers' own Mask2Former modules. Thi
 original's image padding, the parameter-free semantic head on the encoder's semantic priors and its loss.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +20,19 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
 )
-from transformers.utils import is_scipy_available
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, is_scipy_available
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
-from .modeling_semask import SemaskModel, check_label_maps
+from .modeling_semask import (
+    SemaskModel,
+    check_label_maps,
+    pad_bottom_right,
+    sum_of_upsampled_priors,
+    with_remote_code_auto_map,
+)
+from .sizes import padded_to
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_semask_mask2former.SemaskMask2FormerConfig",
@@ -41,7 +48,7 @@ SCIPY_HINT = (
 
 
 @dataclass
-class SemaskMask2FormerPixelLevelModuleOutput(Mask2FormerPixelLevelModuleOutput):
+class SemanticPriorsOutput(ModelOutput):
     r"""
     semantic_priors (`tuple(torch.FloatTensor)`):
         The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
@@ -51,52 +58,43 @@ class SemaskMask2FormerPixelLevelModuleOutput(Mask2FormerPixelLevelModuleOutput)
 
 
 @dataclass
-class SemaskMask2FormerModelOutput(Mask2FormerModelOutput):
-    r"""
-    As [`Mask2FormerModelOutput`] (`transformer_decoder_intermediate_states` is always returned), plus:
-
-    semantic_priors (`tuple(torch.FloatTensor)`):
-        The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
-    """
-
-    semantic_priors: tuple[torch.FloatTensor, ...] | None = None
+class SemaskMask2FormerPixelLevelModuleOutput(SemanticPriorsOutput, Mask2FormerPixelLevelModuleOutput):
+    r"""As [`Mask2FormerPixelLevelModuleOutput`], plus the encoder's `semantic_priors` ([`SemanticPriorsOutput`])."""
 
 
 @dataclass
-class SemaskMask2FormerForUniversalSegmentationOutput(Mask2FormerForUniversalSegmentationOutput):
+class SemaskMask2FormerModelOutput(SemanticPriorsOutput, Mask2FormerModelOutput):
+    r"""As [`Mask2FormerModelOutput`] (`transformer_decoder_intermediate_states` is always returned), plus the
+    encoder's `semantic_priors` ([`SemanticPriorsOutput`])."""
+
+
+@dataclass
+class SemaskMask2FormerForUniversalSegmentationOutput(SemanticPriorsOutput, Mask2FormerForUniversalSegmentationOutput):
     r"""
     As [`Mask2FormerForUniversalSegmentationOutput`] (predictions refer to the padded input, see
-    `config.size_divisibility`), plus:
+    `config.size_divisibility`), plus the encoder's `semantic_priors` ([`SemanticPriorsOutput`]) and:
 
     semantic_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, padded_height, padded_width)`):
         The semantic head's class scores at the padded input size.
-    semantic_priors (`tuple(torch.FloatTensor)`):
-        The encoder's per-stage semantic prior maps, `(batch_size, num_labels, height_i, width_i)` (pre-softmax).
     """
 
     semantic_logits: torch.FloatTensor | None = None
-    semantic_priors: tuple[torch.FloatTensor, ...] | None = None
 
 
 def pad_to_multiple(tensor: torch.Tensor, divisor: int, value: float = 0) -> torch.Tensor:
-    """Pad the last two dimensions on the bottom / right to multiples of `divisor`."""
-    height, width = tensor.shape[-2:]
-    return F.pad(tensor, (0, -width % divisor, 0, -height % divisor), value=value)
+    """Pad the last two dimensions with `value` on the bottom / right to multiples of `divisor`."""
+    return pad_bottom_right(tensor, padded_to(tensor.shape[-2:], divisor), value=value)
 
 
 def semantic_head(semantic_priors: tuple[torch.Tensor, ...], stride: int) -> torch.Tensor:
     """The original parameter-free `SemanticHead`: class scores at the input resolution from the priors.
 
-    Stage i's prior map is upsampled x2 i times and added to stage 1's map (resized to it where odd sizes make them
-    differ); the sum is upsampled by `stride` (stage 1's). Every resize is bilinear with `align_corners=True`.
+    The semantic branch of the FPN head (`sum_of_upsampled_priors`), with `align_corners=True`, upsampled by
+    `stride` (stage 1's).
     """
-    upsample = functools.partial(F.interpolate, mode="bilinear", align_corners=True)
-    logits = semantic_priors[0]
-    for index, prior in enumerate(semantic_priors[1:], start=1):
-        for _ in range(index):
-            prior = upsample(prior, scale_factor=2)
-        logits = logits + upsample(prior, size=logits.shape[-2:])
-    return upsample(logits, size=(logits.shape[-2] * stride, logits.shape[-1] * stride))
+    logits = sum_of_upsampled_priors(semantic_priors, align_corners=True)
+    size = (logits.shape[-2] * stride, logits.shape[-1] * stride)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
 def mask_classification_targets(
@@ -114,6 +112,16 @@ def mask_classification_targets(
         mask_labels.append((label_map[None] == classes[:, None, None]).float())
         class_labels.append(classes)
     return mask_labels, class_labels
+
+
+def refuse_unknown_arguments(model: nn.Module, kwargs: dict) -> None:
+    """Raise a TypeError naming keyword arguments that the forward would otherwise ignore."""
+    if kwargs:
+        raise TypeError(
+            f"{type(model).__name__}.forward got arguments it does not use: {sorted(kwargs)}. It takes pixel_values, "
+            "the targets, output_hidden_states, output_attentions and (for the segmentation model) "
+            "output_auxiliary_logits."
+        )
 
 
 class SemaskMask2FormerPixelLevelModule(nn.Module):
@@ -148,10 +156,9 @@ class SemaskMask2FormerPreTrainedModel(Mask2FormerPreTrainedModel):
     supports_gradient_checkpointing = True
     _keys_to_ignore_on_load_unexpected = [r"relative_position_index", r"criterion\.empty_weight"]
 
-    def post_init(self):
-        # Saved folders name every class, so one folder serves all Auto classes with trust_remote_code.
-        self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+    def post_init(self) -> None:
         super().post_init()
+        with_remote_code_auto_map(self.config, REMOTE_CODE_AUTO_MAP)
 
 
 class SemaskMask2FormerModel(SemaskMask2FormerPreTrainedModel):
@@ -169,12 +176,17 @@ class SemaskMask2FormerModel(SemaskMask2FormerPreTrainedModel):
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemaskMask2FormerModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images of any size; they are padded to a multiple of `config.size_divisibility`.
+        output_hidden_states (`bool`, *optional*):
+            Return the encoder's feature maps and the decoders' hidden states.
+        output_attentions (`bool`, *optional*):
+            Return the transformer decoder's attention weights in `attentions` (one per decoder layer).
         """
+        refuse_unknown_arguments(self, kwargs)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         pixel_values = pad_to_multiple(pixel_values, self.config.size_divisibility)
@@ -231,7 +243,7 @@ class SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerPreTrainedModel
         output_hidden_states: bool | None = None,
         output_auxiliary_logits: bool | None = None,
         output_attentions: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemaskMask2FormerForUniversalSegmentationOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
@@ -244,9 +256,14 @@ class SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerPreTrainedModel
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Semantic label maps with values in `[0, num_labels)` or `config.ignore_value`: the targets of the
             semantic head's loss and, unless `mask_labels` are given, of the Mask2Former losses.
+        output_hidden_states (`bool`, *optional*):
+            Return the encoder's feature maps and the decoders' hidden states.
         output_auxiliary_logits (`bool`, *optional*):
             Return the class and mask predictions of every decoder layer in `auxiliary_logits`.
+        output_attentions (`bool`, *optional*):
+            Return the transformer decoder's attention weights in `attentions` (one per decoder layer).
         """
+        refuse_unknown_arguments(self, kwargs)
         self._check_targets(pixel_values, mask_labels, class_labels, labels)
         outputs = self.model(
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions

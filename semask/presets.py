@@ -382,7 +382,10 @@ def fpn_semantic_attention(embed_dim: int, num_labels: int, num_stages: int = 4)
 
 
 def fpn_preset(name: str) -> dict:
-    """Keyword arguments of `SemaskConfig` for a released SeMask-FPN model, e.g. ``"semask-tiny-fpn-ade20k"``."""
+    """Keyword arguments of `SemaskConfig` for a released SeMask-FPN model, e.g. ``"semask-tiny-fpn-ade20k"``.
+
+    The semantic attention kinds are left to the config, which applies the original rule to the final label set.
+    """
     prefix, size, head, dataset = (name.split("-", 3) + ["", "", "", ""])[:4]
     if prefix != "semask" or head != "fpn" or size not in SWIN_SIZES or dataset not in DATASET_LABELS:
         raise ValueError(f"Unknown SeMask preset {name!r}; expected one of: {', '.join(PRESET_NAMES)}.")
@@ -391,7 +394,6 @@ def fpn_preset(name: str) -> dict:
     return {
         **swin,
         "semantic_window_size": swin["window_size"],
-        "semantic_attention": fpn_semantic_attention(swin["embed_dim"], len(labels), len(swin["depths"])),
         "drop_path_rate": 0.3,
         "decoder_hidden_size": 256,
         "id2label": dict(enumerate(labels)),
@@ -451,7 +453,6 @@ def mask2former_preset(name: str) -> dict:
         **swin,
         "image_size": 384,
         "semantic_window_size": MASK2FORMER_SEMANTIC_WINDOW[dataset],
-        "semantic_attention": mask2former_semantic_attention(len(id2label), len(swin["depths"])),
         "drop_path_rate": 0.3,
         "id2label": id2label,
     }

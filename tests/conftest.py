@@ -52,14 +52,16 @@ def fixture_dir(folder: Path) -> Path:
 
 
 def tiny_config_kwargs(**overrides) -> dict:
-    """A SeMask small enough for CPU tests: 4 stages, global semantic attention in the last two."""
+    """The demo model's SeMask (`TINY_CONFIG`) made smaller for CPU tests, with 5 labels, global semantic attention
+    in the last two stages and the default stochastic depth."""
+    # Imported here, not above: importing semask reads HF_HOME and HF_HUB_OFFLINE, which `pytest_configure` sets.
+    from semask.training import TINY_CONFIG
+
+    demo = {key: value for key, value in TINY_CONFIG.items() if key != "drop_path_rate"}
     return {
+        **demo,
         "embed_dim": 16,
-        "depths": (2, 2, 2, 2),
         "num_heads": (1, 2, 2, 4),
-        "window_size": 4,
-        "semantic_window_size": 4,
-        "mlp_ratio": 2.0,
         "decoder_hidden_size": 16,
         "semantic_attention": ("windowed", "windowed", "global", "global"),
         "id2label": {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"},
@@ -68,18 +70,16 @@ def tiny_config_kwargs(**overrides) -> dict:
 
 
 def tiny_mask2former_config_kwargs(**overrides) -> dict:
-    """A SeMask-Mask2Former small enough for CPU tests (the encoder of `tiny_config_kwargs`, 32-wide decoders)."""
+    """The demo SeMask-Mask2Former (`TINY_MASK2FORMER_CONFIG`) made smaller for CPU tests: the encoder of
+    `tiny_config_kwargs`, narrower feed-forward layers, fewer queries and points."""
+    from semask.training import TINY_MASK2FORMER_CONFIG  # imported here: see `tiny_config_kwargs`
+
     encoder = {key: value for key, value in tiny_config_kwargs().items() if key != "decoder_hidden_size"}
     return {
+        **TINY_MASK2FORMER_CONFIG,
         "backbone_config": encoder,
         "id2label": encoder["id2label"],
-        "feature_size": 32,
-        "mask_feature_size": 32,
-        "hidden_dim": 32,
-        "num_attention_heads": 4,
-        "encoder_layers": 1,
         "encoder_feedforward_dim": 32,
-        "decoder_layers": 3,
         "dim_feedforward": 32,
         "num_queries": 6,
         "train_num_points": 64,
@@ -109,4 +109,3 @@ def exif_rotated_jpeg(path, orientation: int = 6) -> np.ndarray:
     Image.fromarray(array).save(path, exif=exif, quality=95)
     with Image.open(path) as image:
         return np.asarray(ImageOps.exif_transpose(image))
-

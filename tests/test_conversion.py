@@ -9,11 +9,11 @@ from conftest import fpn_fixture_dir, tiny_config_kwargs
 from semask.conversion import (
     CheckpointMismatchError,
     ConversionError,
-    config_from_original,
     convert_checkpoint_file,
     load_original_state_dict,
     main,
 )
+from semask.conversion.fpn import config_from_original, convert_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,18 @@ def test_preset_that_contradicts_the_weights_is_refused(original_state_dict):
         config_from_original(original_state_dict, "semask-tiny-fpn-ade20k")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"id2label": {0: "a", 1: "b", 2: "c"}}, "num_labels: given 3, checkpoint 10"),
+        ({"window_size": 5, "semantic_attention": ["global"] * 4}, "window_size: given 5, checkpoint 7"),
+    ],
+)
+def test_overrides_that_contradict_the_weights_are_refused(original_state_dict, overrides, expected):
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        config_from_original(original_state_dict, **overrides)
+
+
 def architecture_keys(embed_dim, depths, heads, window, num_labels, mlp_ratio=4):
     """The original keys that fix a SeMask-FPN architecture, as meta tensors (enough for config inference)."""
     meta = {"device": "meta"}
@@ -176,7 +188,6 @@ def test_prior_and_head_class_counts_must_agree():
 def test_absolute_position_embedding_keeps_the_original_resize():
     """The original stores (1, C, h, w) and resizes it bicubically to every patch grid; so does semask."""
     from semask import SemaskConfig, SemaskModel
-    from semask.conversion import convert_state_dict
 
     original = torch.randn(1, 16, 8, 8)
     converted = convert_state_dict({"backbone.absolute_pos_embed": original})

@@ -10,7 +10,7 @@ from test_conversion import architecture_keys, assert_conversion_refused
 from conftest import fpn_fixture_dir, mask2former_fixture_dir
 from semask import SemaskMask2FormerConfig
 from semask.conversion import CheckpointMismatchError, convert_checkpoint_file, load_original_state_dict, main
-from semask.conversion_mask2former import config_from_original
+from semask.conversion.mask2former import config_from_original
 from semask.modelcard import preset_mismatches, write_model_card
 
 CHECKPOINT_KEY = "model"  # detectron2 checkpoints hold their weights under 'model'
@@ -91,6 +91,19 @@ def test_overrides_reach_the_encoder_and_the_output_folder_is_complete(original_
     assert processor["size"] == {"shortest_edge": 640, "longest_edge": 2560} and processor["do_reduce_labels"]
     card = ModelCard.load(output / "README.md")
     assert "SeMask-Mask2Former" in card.text and "semantic inference scores (no softmax" in card.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"id2label": {0: "a"}}, "num_labels: given 1, checkpoint 150"),
+        ({"embed_dim": 64, "semantic_attention": ["global"] * 4}, "embed_dim: given 64, checkpoint 32"),
+        ({"num_queries": 7}, "num_queries: given 7, checkpoint"),
+    ],
+)
+def test_overrides_that_contradict_the_weights_are_refused(original_state_dict, overrides, expected):
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        config_from_original(original_state_dict, **overrides)
 
 
 def mask2former_architecture_keys(num_labels: int, encoder_layers=6, decoder_layers=10, width=256, queries=100):

@@ -116,7 +116,7 @@ def test_presets_tiny_model_and_swin_start(tiny_swin_folder):
     assert model.config.backbone_config.drop_path_rate == 0.0 and report.source.startswith("random weights")
 
     model, report = initialise_model(
-        ModelArguments(model_name_or_path=str(tiny_swin_folder), model_type=MASK2FORMER), six
+        ModelArguments(model_name_or_path=str(tiny_swin_folder), model_type=MASK2FORMER), ade
     )
     swin_state = SwinModel.from_pretrained(tiny_swin_folder).state_dict()
     encoder_state = model.model.pixel_level_module.encoder.state_dict()
@@ -124,8 +124,11 @@ def test_presets_tiny_model_and_swin_start(tiny_swin_folder):
     assert len(loaded) == len(swin_state) - 2  # all but Swin's final LayerNorm, which SeMask does not have
     assert all(torch.equal(encoder_state[name], swin_state[name]) for name in loaded)
     assert report.unused == ["layernorm.bias", "layernorm.weight"]
-    assert model.config.backbone_config.embed_dim == 16 and model.config.backbone_config.window_size == 4
-    assert model.config.backbone_config.semantic_attention == ("windowed",) * 4
+    encoder = model.config.backbone_config
+    assert encoder.embed_dim == 16 and encoder.window_size == encoder.semantic_window_size == 4
+    assert model.config.num_labels == encoder.num_labels == 150
+    # the Mask2Former rule (the FPN rule would give windowed attention everywhere for embed_dim 16)
+    assert encoder.semantic_attention == ("windowed",) * 3 + ("global",)
     assert report.source == f"the Swin checkpoint {tiny_swin_folder}"
     assert {"class_predictor.weight", f"{ENCODER}hidden_states_norms.stage1.weight"} <= set(report.reinitialised)
     assert f"{ENCODER}encoder.layers.0.semantic_layer.blocks.0.q_proj.weight" in report.reinitialised

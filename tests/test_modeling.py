@@ -9,7 +9,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from conftest import tiny_config_kwargs, train_steps
 from semask import SemaskConfig, SemaskForSemanticSegmentation, SemaskModel
-from semask.modeling_semask import SemaskSemanticAttention
+from semask.modeling_semask import sum_of_upsampled_priors
 
 
 def tiny_model(seed: int = 0, **overrides) -> SemaskForSemanticSegmentation:
@@ -176,9 +176,7 @@ def test_plain_swin_fpn_without_semantic_layers():
     labels = torch.randint(0, 5, (2, 32, 32))
     outputs = model(torch.randn(2, 3, 32, 32), labels=labels)
     assert outputs.semantic_logits is None and outputs.semantic_priors is None
-    decode_loss, semantic_loss = model.losses(outputs.logits, None, labels)
-    assert semantic_loss is None
-    torch.testing.assert_close(outputs.loss, decode_loss)
+    torch.testing.assert_close(outputs.loss, model.decode_loss(outputs.logits, labels))
     assert not any("semantic_layer" in name for name, _ in model.named_parameters())
 
 
@@ -277,56 +275,10 @@ def test_semantic_branch_equals_the_sum_of_upsampled_priors(size):
     model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
     with torch.no_grad():
         priors = model.semask(torch.randn(2, 3, *size)).semantic_priors
-        semantic_logits = model.decode_head._semantic_branch(priors)
+        semantic_logits = sum_of_upsampled_priors(priors, align_corners=False)
     upsampled = []
     for index, prior in enumerate(priors):  # the original: each prior upsampled x2 `index` times, then summed
         for _ in range(index):
             prior = F.interpolate(prior, scale_factor=2, mode="bilinear", align_corners=False)
         upsampled.append(F.interpolate(prior, size=priors[0].shape[-2:], mode="bilinear", align_corners=False))
     torch.testing.assert_close(semantic_logits, sum(upsampled), atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_window_attention_without_autograd_matches_sdpa(monkeypatch):
-    """On CPUs without autograd, SDPA mode runs the windows' attention as batched matmuls: same outputs."""
-    model = tiny_model().eval()
-    assert model.config._attn_implementation == "sdpa"
-    sdpa_calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
-    pixel_values = torch.randn(2, 3, 45, 61)  # padded windows, shifted and not
-    with torch.no_grad():
-        batched_matmuls = model(pixel_values).logits
-    assert not sdpa_calls
-    reference = model(pixel_values).logits  # with autograd: transformers' SDPA path
-    assert len(sdpa_calls) == sum(model.config.depths)
-    torch.testing.assert_close(batched_matmuls, reference.detach(), atol=1e-5, rtol=1e-5)
-    reference.sum().backward()  # the in-place residual adds of inference mode leave autograd intact
-    assert all(p.grad is not None for p in model.semask.encoder.layers[0].blocks[0].parameters())
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_semantic_layers_take_one_image_at_a_time_in_sdpa_inference(monkeypatch, attention):
-    """In CPU inference in SDPA mode, a batch goes through the semantic layers image by image: same outputs."""
-    model = tiny_model().eval()
-    model.set_attn_implementation(attention)
-    windows_seen = []
-    forward = SemaskSemanticAttention.forward
-    monkeypatch.setattr(
-        SemaskSemanticAttention, "forward", lambda self, x: windows_seen.append(len(x)) or forward(self, x)
-    )
-    pixel_values = torch.randn(3, 3, 45, 61)
-    reference = model(pixel_values)  # with autograd: the whole batch at once
-    batch_calls, windows_seen[:] = list(windows_seen), []
-    with torch.no_grad():
-        outputs = model(pixel_values)
-    stages = len(model.config.depths)
-    assert len(batch_calls) == stages
-    if attention == "sdpa":
-        assert len(windows_seen) == 3 * stages
-        assert [3 * seen for seen in windows_seen[::3]] == batch_calls
-    else:
-        assert windows_seen == batch_calls
-    for name in ("logits", "semantic_logits"):
-        torch.testing.assert_close(outputs[name], reference[name].detach(), atol=1e-5, rtol=1e-5)
-    for prior, expected in zip(outputs.semantic_priors, reference.semantic_priors):
-        torch.testing.assert_close(prior, expected.detach(), atol=1e-5, rtol=1e-5)

@@ -45,9 +45,13 @@ def test_converted_model_reproduces_original_outputs(converted, attn_implementat
     with torch.no_grad():
         encoder = model.semask(pixel_values)
         outputs = model(pixel_values, labels=labels)
-        decode_loss, semantic_loss = model.losses(outputs.logits, outputs.semantic_logits, labels)
+        decode_loss, semantic_loss = (
+            model.decode_loss(outputs.logits, labels),
+            model.semantic_loss(outputs.semantic_logits, labels),
+        )
         model.config.loss_reduction = "valid_pixels"
-        valid_decode_loss, valid_semantic_loss = model.losses(outputs.logits, outputs.semantic_logits, labels)
+        valid_decode_loss = model.decode_loss(outputs.logits, labels)
+        valid_semantic_loss = model.semantic_loss(outputs.semantic_logits, labels)
 
     num_stages = len(encoder.feature_maps)
     assert num_stages == 4

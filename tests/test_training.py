@@ -186,18 +186,20 @@ def test_ohem_matches_direct_computation():
     assert ohem_cross_entropy(logits, labels, min_kept=1000).item() == pytest.approx(plain.item(), rel=1e-12)
 
 
-def test_trainer_ohem_loss_keeps_semantic_term(tmp_path):
+def test_trainer_ohem_loss_keeps_semantic_term(tmp_path, monkeypatch):
     model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.randint(0, 5, (2, 32, 32))}
     inputs["labels"][:, :4] = 255
     plain = model(**inputs).loss
+    # the OHEM loss replaces the plain decode loss, which is then not computed at all
+    monkeypatch.setattr(model, "decode_loss", lambda *args: pytest.fail("the plain decode loss was computed"))
     everything = make_trainer(tmp_path, model, ohem=True, ohem_min_kept=10**6).compute_loss(model, inputs)
     assert everything.item() == pytest.approx(plain.item(), rel=1e-5)
     hard = make_trainer(tmp_path, model, ohem=True, ohem_min_kept=100).compute_loss(model, inputs)
     outputs = model(inputs["pixel_values"])
     logits = torch.nn.functional.interpolate(outputs.logits, size=(32, 32), mode="bilinear")
     decode = ohem_cross_entropy(logits, inputs["labels"], min_kept=100)
-    semantic = model.losses(outputs.logits, outputs.semantic_logits, inputs["labels"])[1]
+    semantic = model.semantic_loss(outputs.semantic_logits, inputs["labels"])
     assert hard.item() == pytest.approx((decode + semantic).item(), rel=1e-5)
     assert 0 < hard.item() < plain.item()
 

@@ -1,55 +1,33 @@
-"""Conversion of original SeMask-FPN (mmsegmentation 0.x) checkpoints to semask `save_pretrained` folders.
+"""What the SeMask-FPN and SeMask-Mask2Former converters share: reading original checkpoints safely, the errors, the
+SeMask-Swin encoder (`backbone.*` keys: renames and the settings its weights fix) and the checks of the result."""
 
-    python scripts/convert_semask_original_to_hf.py --checkpoint semask_tiny_ade20k.pth --output semask-tiny-ade20k \
-        --preset semask-tiny-fpn-ade20k [--push-to-hub me/semask-tiny-fpn-ade20k [--private]]
-
-SeMask-Mask2Former (detectron2) checkpoints are recognised by their keys and converted by
-`semask.conversion_mask2former`, through the same command.
-
-The output folder holds the weights, the config, the model code, the image processor of the preset's dataset (the
-original test pipeline) and a model card.
-
-The weights fix the Swin architecture, the class count, the semantic blocks per stage and the decoder width.
-What they do not fix comes from the preset, from the overrides, or from the original's rules: the semantic window
-equals the Swin window, and the semantic attention kind follows `semask.presets.fpn_semantic_attention`.
-"""
-
-import argparse
-import os
 import pickle
 import re
-import shutil
-import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from huggingface_hub import HfApi
-from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoModelForSemanticSegmentation, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
-from .configuration_semask import SemaskConfig, settings_equal
-from .configuration_semask_mask2former import SemaskMask2FormerConfig
-from .image_processing_semask import SemaskImageProcessor
-from .label_files import LabelsFileError, read_labels_file
-from .modelcard import preset_dataset, preset_mismatches, write_model_card
-from .modeling_semask import SemaskForSemanticSegmentation
-from .presets import (
-    MASK2FORMER_PRESET_NAMES,
-    MASK2FORMER_PROCESSING,
-    PRESET_NAMES,
-    fpn_preset,
-    fpn_semantic_attention,
-    mask2former_preset_dataset,
-)
+from ..configuration_semask import settings_equal
+from ..configuration_semask_mask2former import SemaskMask2FormerConfig
+from ..image_processing_semask import SemaskImageProcessor
+from ..modelcard import preset_dataset
+from ..presets import MASK2FORMER_PROCESSING, mask2former_preset_dataset
 
-# (original key pattern, semask key template); the fused `qkv` projection is split separately.
-KEY_RENAMES = [
-    (r"backbone\.patch_embed\.proj\.", "semask.embeddings.patch_embeddings.projection."),
-    (r"backbone\.patch_embed\.norm\.", "semask.embeddings.norm."),
-    (r"backbone\.absolute_pos_embed$", "semask.embeddings.position_embeddings"),
-    (r"backbone\.norm(\d+)\.", lambda m: f"semask.hidden_states_norms.stage{int(m.group(1)) + 1}."),
-    (r"backbone\.layers\.", "semask.encoder.layers."),
+Model = TypeVar("Model", bound=PreTrainedModel)
+# (original key pattern, semask key template), applied in order to every key.
+KeyRenames = list[tuple[str, str | Callable[[re.Match], str]]]
+
+ENCODER_KEY_PREFIX = "backbone."
+# The encoder's renames, to key names inside `SemaskModel`; the fused `qkv` projection is split separately.
+ENCODER_KEY_RENAMES: KeyRenames = [
+    (r"backbone\.patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+    (r"backbone\.patch_embed\.norm\.", "embeddings.norm."),
+    (r"backbone\.absolute_pos_embed$", "embeddings.position_embeddings"),
+    (r"backbone\.norm(\d+)\.", lambda m: f"hidden_states_norms.stage{int(m.group(1)) + 1}."),
+    (r"backbone\.layers\.", "encoder.layers."),
     (r"\.semantic_layer\.norm1\.", ".semantic_layer.layernorm."),
     (r"\.norm1\.", ".layernorm_before."),
     (r"\.norm2\.", ".layernorm_after."),
@@ -60,8 +38,6 @@ KEY_RENAMES = [
     (r"\.mlp_cls_k\.", ".k_proj."),
     (r"\.mlp_v\.", ".v_proj."),
     (r"\.mlp_res\.", ".o_proj."),
-    (r"(decode_head\.scale_heads\.\d+\.\d+)\.bn\.", r"\1.batch_norm."),
-    (r"decode_head\.conv_seg\.", "decode_head.classifier."),
 ]
 # Buffers the original saves that semask rebuilds from the config.
 DROPPED_KEYS = re.compile(r"\.attn\.relative_position_index$")
@@ -78,8 +54,19 @@ class CheckpointMismatchError(ConversionError):
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an original checkpoint without unpickling code: ``{'state_dict': ...}`` (mmsegmentation),
-    ``{'model': ...}`` (detectron2) or a bare state dict."""
+    """Read an original checkpoint without unpickling code.
+
+    Args:
+        path (`str` or `Path`):
+            A ``{'state_dict': ...}`` (mmsegmentation), ``{'model': ...}`` (detectron2) or bare state dict file.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the original state dict.
+
+    Raises:
+        `FileNotFoundError` for a missing file, `ConversionError` for an unreadable one or one holding code,
+        `CheckpointMismatchError` for a checkpoint without SeMask encoder weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -99,7 +86,7 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state_dict = None
     if isinstance(checkpoint, dict):
         state_dict = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
-    if not isinstance(state_dict, dict) or not any(key.startswith("backbone.") for key in state_dict):
+    if not isinstance(state_dict, dict) or not any(key.startswith(ENCODER_KEY_PREFIX) for key in state_dict):
         raise CheckpointMismatchError(
             f"{path} is not an original SeMask-FPN checkpoint (a state dict with `backbone.*` and `decode_head.*` "
             "keys, or a dict holding one under 'state_dict') nor a SeMask-Mask2Former one (`backbone.*` and "
@@ -128,7 +115,8 @@ def is_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(key.startswith("sem_seg_head.") for key in state_dict)
 
 
-def _require(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def require_key(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The weight under `key`; `CheckpointMismatchError` when the checkpoint lacks it."""
     if key not in state_dict:
         raise CheckpointMismatchError(
             f"The checkpoint lacks `{key}`, which every original SeMask checkpoint of its kind has."
@@ -136,22 +124,66 @@ def _require(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return state_dict[key]
 
 
-def _indices(state_dict: dict[str, torch.Tensor], pattern: str) -> list[int]:
-    found = {int(match.group(1)) for key in state_dict if (match := re.match(pattern, key))}
-    return sorted(found)
+def key_indices(state_dict: dict[str, torch.Tensor], pattern: str) -> list[int]:
+    """The sorted distinct integers that the first group of `pattern` matches at the start of the keys."""
+    return sorted({int(match.group(1)) for key in state_dict if (match := re.match(pattern, key))})
+
+
+def rename_key(key: str, renames: KeyRenames) -> str:
+    """`key` with every rename of `renames` applied in order."""
+    for pattern, replacement in renames:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def split_fused_projection(prefix: str, kind: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The q / k / v parts (`{prefix}q_proj.{kind}`, ...) of a fused input projection's weight or bias."""
+    return {
+        f"{prefix}{name}.{kind}": part.clone() for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3))
+    }
+
+
+def convert_encoder_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The original encoder weights (`backbone.*` keys) renamed for a `SemaskModel` whose keys start with `prefix`.
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`):
+            An original state dict; keys outside the encoder are left out.
+        prefix (`str`):
+            Where the encoder sits in the semask model, e.g. ``"semask."``.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the renamed weights, each fused `qkv` projection split into q / k / v and the
+        absolute position embedding (if any) flattened to (1, h * w, C).
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if not key.startswith(ENCODER_KEY_PREFIX) or DROPPED_KEYS.search(key):
+            continue
+        if qkv := QKV_KEY.match(key):
+            layer, kind = qkv.groups()
+            layer = prefix + rename_key(f"{layer}.attention.", ENCODER_KEY_RENAMES)
+            converted |= split_fused_projection(layer, kind, value)
+            continue
+        if key == "backbone.absolute_pos_embed":
+            value = value.flatten(2).transpose(1, 2)
+        converted[prefix + rename_key(key, ENCODER_KEY_RENAMES)] = value
+    return converted
 
 
 def infer_encoder_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     """The `SemaskConfig` encoder arguments that the original `backbone.*` weights determine (no label set)."""
-    projection = _require(state_dict, "backbone.patch_embed.proj.weight")
+    projection = require_key(state_dict, "backbone.patch_embed.proj.weight")
     embed_dim, num_channels, patch_size = projection.shape[0], projection.shape[1], projection.shape[2]
-    stages = _indices(state_dict, r"backbone\.layers\.(\d+)\.")
-    depths = [len(_indices(state_dict, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.")) for i in stages]
-    tables = [_require(state_dict, f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in stages]
-    window_size = (round(tables[0].shape[0] ** 0.5) + 1) // 2
-    mlp_hidden = _require(state_dict, "backbone.layers.0.blocks.0.mlp.fc1.weight").shape[0]
+    stages = key_indices(state_dict, r"backbone\.layers\.(\d+)\.")
+    depths = [len(key_indices(state_dict, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.")) for i in stages]
+    tables = [
+        require_key(state_dict, f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table") for i in stages
+    ]
+    mlp_hidden = require_key(state_dict, "backbone.layers.0.blocks.0.mlp.fc1.weight").shape[0]
     semantic_blocks = [
-        len(_indices(state_dict, rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\.")) for i in stages
+        len(key_indices(state_dict, rf"backbone\.layers\.{i}\.semantic_layer\.class_injection\.(\d+)\."))
+        for i in stages
     ]
     kwargs = {
         "embed_dim": embed_dim,
@@ -159,7 +191,7 @@ def infer_encoder_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
         "patch_size": patch_size,
         "depths": depths,
         "num_heads": [table.shape[1] for table in tables],
-        "window_size": window_size,
+        "window_size": (round(tables[0].shape[0] ** 0.5) + 1) // 2,
         "mlp_ratio": mlp_hidden / embed_dim,
         "qkv_bias": "backbone.layers.0.blocks.0.attn.qkv.bias" in state_dict,
         "patch_norm": "backbone.patch_embed.norm.weight" in state_dict,
@@ -181,19 +213,17 @@ def check_label_count(state_dict: dict[str, torch.Tensor], num_labels: int, head
         )
 
 
-def infer_config_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
-    """The `SemaskConfig` arguments that the original SeMask-FPN weights determine."""
-    classifier = _require(state_dict, "decode_head.conv_seg.weight")
-    check_label_count(state_dict, classifier.shape[0], "decode head")
-    return {
-        **infer_encoder_kwargs(state_dict),
-        "decoder_hidden_size": classifier.shape[1],
-        "num_labels": classifier.shape[0],
-    }
-
-
 def raise_on_contradictions(chosen: dict, inferred: dict, num_labels: int) -> None:
-    """Raise `CheckpointMismatchError` where chosen settings (preset, overrides) contradict the inferred ones."""
+    """Raise `CheckpointMismatchError` where chosen settings contradict those inferred from the weights.
+
+    Args:
+        chosen (`dict`):
+            Config arguments from the preset and the user's overrides (an `id2label` must name `num_labels` classes).
+        inferred (`dict`):
+            Config arguments the weights determine.
+        num_labels (`int`):
+            The checkpoint's class count.
+    """
     contradictions = {
         key: (value, inferred[key])
         for key, value in chosen.items()
@@ -206,51 +236,6 @@ def raise_on_contradictions(chosen: dict, inferred: dict, num_labels: int) -> No
             f"{key}: given {given}, checkpoint {found}" for key, (given, found) in contradictions.items()
         )
         raise CheckpointMismatchError(f"The checkpoint does not match the requested configuration ({details}).")
-
-
-def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides) -> SemaskConfig:
-    """A `SemaskConfig` for an original checkpoint: inferred from the weights, then the preset, then `overrides`.
-
-    A preset (or an override) that contradicts the weights raises `CheckpointMismatchError`.
-    """
-    inferred = infer_config_kwargs(state_dict)
-    num_labels = inferred.pop("num_labels")
-    if preset in MASK2FORMER_PRESET_NAMES:
-        raise CheckpointMismatchError(f"{preset} is a SeMask-Mask2Former preset but this is a SeMask-FPN checkpoint.")
-    chosen = {**(fpn_preset(preset) if preset else {}), **overrides}
-    raise_on_contradictions(chosen, inferred, num_labels)
-    kwargs = {
-        "semantic_window_size": inferred["window_size"],
-        "semantic_attention": fpn_semantic_attention(inferred["embed_dim"], num_labels, len(inferred["depths"])),
-        "id2label": {index: f"LABEL_{index}" for index in range(num_labels)},
-        **chosen,
-        **inferred,
-    }
-    return SemaskConfig(**kwargs)
-
-
-def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename original keys to semask keys and split each fused `qkv` projection into q/k/v."""
-    converted = {}
-    for key, value in state_dict.items():
-        if DROPPED_KEYS.search(key):
-            continue
-        if qkv := QKV_KEY.match(key):
-            prefix, kind = qkv.groups()
-            prefix = _rename(prefix + ".")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                converted[f"{prefix}attention.{name}.{kind}"] = part.clone()
-            continue
-        if key == "backbone.absolute_pos_embed":
-            value = value.flatten(2).transpose(1, 2)
-        converted[_rename(key)] = value
-    return converted
-
-
-def _rename(key: str) -> str:
-    for pattern, replacement in KEY_RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
 
 
 def check_state_dict(converted: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -273,157 +258,24 @@ def check_state_dict(converted: dict[str, torch.Tensor], model: torch.nn.Module)
         raise CheckpointMismatchError("The checkpoint does not match the SeMask model:\n" + "\n".join(lines))
 
 
-def convert_original_checkpoint(
-    state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
-) -> PreTrainedModel:
-    """The semask model (eval mode) holding the weights of an original state dict: `SemaskForSemanticSegmentation`
-    for SeMask-FPN, `SemaskMask2FormerForUniversalSegmentation` for SeMask-Mask2Former (`sem_seg_head.*` keys).
-    Non-finite weights raise `ConversionError`."""
-    check_finite(state_dict)
-    if is_mask2former_state_dict(state_dict):
-        from .conversion_mask2former import convert_mask2former_checkpoint  # that module builds on this one
-
-        return convert_mask2former_checkpoint(state_dict, preset, **overrides)
-    config = config_from_original(state_dict, preset, **overrides)
-    converted = convert_state_dict(state_dict)
-    model = SemaskForSemanticSegmentation(config)
+def load_converted(model: Model, converted: dict[str, torch.Tensor]) -> Model:
+    """`model` in eval mode holding exactly the `converted` weights (`check_state_dict` first)."""
     check_state_dict(converted, model)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
 
-def convert_checkpoint_file(
-    checkpoint: str | Path,
-    output_dir: str | Path,
-    preset: str | None = None,
-    *,
-    model_id: str | None = None,
-    **overrides,
-) -> PreTrainedModel:
-    """Convert an original checkpoint file into a new folder (model, image processor, model card), all or nothing.
-
-    `output_dir` must not exist or be an empty folder; it is filled only once the conversion has succeeded.
-    The image processor is the original test pipeline of the preset's dataset (without a preset: the ADE20K one) for
-    the checkpoint's kind (SeMask-FPN or SeMask-Mask2Former, told apart by the keys).
-    The card reports the preset's original numbers unless overrides changed the released architecture or labels.
-    `model_id` names the model in the card's usage snippets (default: the folder's name).
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"{output_dir} already exists and is not an empty folder; choose a new output folder.")
-    model = convert_original_checkpoint(load_original_state_dict(checkpoint), preset, **overrides)
-    processor = original_test_processor(model.config, preset)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.")
-    try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        card_preset = preset if preset and not preset_mismatches(model.config, preset) else None
-        write_model_card(staging, model.config, preset=card_preset, model_id=model_id or output_dir.name)
-        os.replace(staging, output_dir)  # atomic; replaces an empty folder
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return model
-
-
 def original_test_processor(config: PreTrainedConfig, preset: str | None) -> SemaskImageProcessor:
-    """The original test pipeline of the preset's dataset (without a preset: ADE20K's) for the model's kind."""
+    """The original test pipeline of the preset's dataset (without a preset: ADE20K's) for the model's kind.
+
+    Args:
+        config (`PreTrainedConfig`):
+            A `SemaskConfig` (SeMask-FPN) or `SemaskMask2FormerConfig`.
+        preset (`str`, *optional*):
+            The released model's preset, whose dataset fixes the pipeline.
+    """
     if isinstance(config, SemaskMask2FormerConfig):
         return SemaskImageProcessor(
             **MASK2FORMER_PROCESSING[mask2former_preset_dataset(preset) if preset else "ade20k"]
         )
     return SemaskImageProcessor.from_dataset(preset_dataset(preset)) if preset else SemaskImageProcessor()
-
-
-def push_converted_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload a converted folder to the Hub: model and image processor with their `push_to_hub`, then the model card.
-
-    Returns the full repository id (with the namespace `create_repo` resolved).
-    """
-    folder = Path(folder)
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    model = AutoModelForSemanticSegmentation.from_pretrained(folder)  # semask registers both of its kinds
-    model.push_to_hub(repo_id, commit_message="Upload SeMask model")
-    SemaskImageProcessor.from_pretrained(folder).push_to_hub(repo_id, commit_message="Upload SeMask image processor")
-    # `push_to_hub` above writes transformers' generic card when the repository has none; replace it with ours.
-    api.upload_file(
-        path_or_fileobj=folder / "README.md", path_in_repo="README.md", repo_id=repo_id, commit_message="Add model card"
-    )
-    return repo_id
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Convert an original SeMask-FPN or SeMask-Mask2Former checkpoint to a semask model folder."
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="original checkpoint (.pth): mmsegmentation (FPN) or detectron2 (Mask2Former)",
-    )
-    parser.add_argument("--output", required=True, help="new folder for the converted model")
-    parser.add_argument(
-        "--preset",
-        choices=PRESET_NAMES + MASK2FORMER_PRESET_NAMES,
-        help="released model: label names and semantic settings",
-    )
-    parser.add_argument(
-        "--semantic-attention",
-        help="comma-separated kind per stage, e.g. windowed,windowed,global,global (default: the original's rule)",
-    )
-    parser.add_argument(
-        "--semantic-window-size",
-        type=int,
-        help="semantic attention window (default: the Swin window for FPN, 7 for Mask2Former, as the originals)",
-    )
-    parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    args = parser.parse_args(argv)
-    if args.private and not args.push_to_hub:
-        parser.error("--private only applies with --push-to-hub REPO")
-    return args
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    overrides = {}
-    if args.semantic_attention:
-        overrides["semantic_attention"] = args.semantic_attention.split(",")
-    if args.semantic_window_size:
-        overrides["semantic_window_size"] = args.semantic_window_size
-    if args.labels:
-        overrides["id2label"] = read_labels_file(args.labels)
-    return overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        model = convert_checkpoint_file(
-            args.checkpoint, args.output, args.preset, model_id=args.push_to_hub, **overrides_from_args(args)
-        )
-    except (ConversionError, LabelsFileError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except StrictDataclassError as error:  # the config refuses the settings, e.g. an unknown --semantic-attention
-        print(f"error: invalid model settings: {error.__cause__ or error}", file=sys.stderr)
-        return 1
-    config = model.config
-    encoder = getattr(config, "backbone_config", config)
-    print(
-        f"Wrote {args.output}: {type(model).__name__} embed_dim={encoder.embed_dim} depths={list(encoder.depths)} "
-        f"labels={config.num_labels} semantic_attention={list(encoder.semantic_attention)}"
-    )
-    if args.push_to_hub:
-        try:
-            repo_id = push_converted_folder(args.output, args.push_to_hub, private=args.private)
-        except OSError as error:  # includes the Hub's HTTP errors and offline mode
-            print(
-                f"error: {args.output} was written but the upload to {args.push_to_hub} failed: {error}",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"Pushed to https://huggingface.co/{repo_id}")
-    return 0

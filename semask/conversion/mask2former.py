@@ -1,13 +1,14 @@
 """Conversion of original SeMask-Mask2Former (detectron2) checkpoints to `SemaskMask2FormerForUniversalSegmentation`.
 
-Used by `semask.conversion` (and so `semask-convert`), which recognises these checkpoints by their `sem_seg_head.*`
-keys. The encoder's keys are renamed as for SeMask-FPN; the pixel decoder, transformer decoder and class predictor
-take transformers' Mask2Former names, and the decoder self-attention's fused `in_proj` is split into q / k / v.
+`semask.conversion` (and so `semask-convert`) recognises these checkpoints by their `sem_seg_head.*` keys. The
+encoder's keys are renamed as for SeMask-FPN; the pixel decoder, transformer decoder and class predictor take
+transformers' Mask2Former names, and the decoder self-attention's fused `in_proj` is split into q / k / v.
 
 The weights fix the encoder, the class count, the pixel decoder (width, layers, FFN width, heads, FPN levels), the
 transformer decoder (width, queries, layers, FFN width) and the no-object weight. The rest comes from the preset, the
-overrides or the original's defaults: semantic window 7, the Mask2Former semantic-attention rule
-(`semask.presets.mask2former_semantic_attention`), post-norm, and the loss settings of `Mask2FormerConfig`.
+overrides or the original's defaults: semantic window 7, post-norm, the loss settings of `Mask2FormerConfig`, and the
+Mask2Former semantic-attention rule (`semask.presets.mask2former_semantic_attention`), which
+`SemaskMask2FormerConfig` applies unless `semantic_attention` is given.
 """
 
 import re
@@ -15,20 +16,24 @@ from dataclasses import fields
 
 import torch
 
-from .configuration_semask import SemaskConfig
-from .configuration_semask_mask2former import SemaskMask2FormerConfig
-from .conversion import (
+from ..configuration_semask import SemaskConfig
+from ..configuration_semask_mask2former import SemaskMask2FormerConfig
+from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+from ..presets import MASK2FORMER_PRESET_NAMES, mask2former_preset
+from .common import (
+    ENCODER_KEY_PREFIX,
     CheckpointMismatchError,
-    _indices,
-    _require,
+    KeyRenames,
     check_label_count,
-    check_state_dict,
-    convert_state_dict,
+    convert_encoder_state_dict,
     infer_encoder_kwargs,
+    key_indices,
+    load_converted,
     raise_on_contradictions,
+    rename_key,
+    require_key,
+    split_fused_projection,
 )
-from .modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
-from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
 
 ENCODER_PREFIX = "model.pixel_level_module.encoder."
 PIXEL_DECODER = "model.pixel_level_module.decoder."
@@ -45,8 +50,8 @@ DECODER_LAYER_PARTS = {
     "transformer_cross_attention_layers": {"multihead_attn": "cross_attn", "norm": "cross_attn_layer_norm"},
     "transformer_ffn_layers": {"linear1": "fc1", "linear2": "fc2", "norm": "final_layer_norm"},
 }
-# (original key pattern, semask key template); the first matching pattern renames a key, unknown names pass unchanged.
-HEAD_KEY_RENAMES = [
+# (original key pattern, semask key template), applied in order; unknown names pass unchanged.
+HEAD_KEY_RENAMES: KeyRenames = [
     (
         r"sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.(\d+)\.(\w+)\.",
         lambda m: f"{PIXEL_DECODER}encoder.layers.{m[1]}.{PIXEL_DECODER_LAYER_PARTS.get(m[2], m[2])}.",
@@ -83,24 +88,23 @@ ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
 def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     """The `SemaskMask2FormerConfig` arguments that the original `sem_seg_head.*` / `criterion.*` weights determine."""
     decoder, predictor = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
-    mask_features = _require(state_dict, decoder + "mask_features.weight")
-    sampling_offsets = _require(state_dict, decoder + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight")
-    queries = _require(state_dict, predictor + "query_feat.weight")
-    classifier = _require(state_dict, predictor + "class_embed.weight")
-    num_fpn_levels = len(_indices(state_dict, rf"{re.escape(decoder)}adapter_(\d+)\."))
+    first_encoder_layer = decoder + "transformer.encoder.layers.0."
+    mask_features = require_key(state_dict, decoder + "mask_features.weight")
+    sampling_offsets = require_key(state_dict, first_encoder_layer + "self_attn.sampling_offsets.weight")
+    queries = require_key(state_dict, predictor + "query_feat.weight")
+    classifier = require_key(state_dict, predictor + "class_embed.weight")
+    num_fpn_levels = len(key_indices(state_dict, rf"{re.escape(decoder)}adapter_(\d+)\."))
     kwargs = {
         "feature_size": mask_features.shape[1],
         "mask_feature_size": mask_features.shape[0],
-        "encoder_layers": len(_indices(state_dict, rf"{re.escape(decoder)}transformer\.encoder\.layers\.(\d+)\.")),
-        "encoder_feedforward_dim": _require(state_dict, decoder + "transformer.encoder.layers.0.linear1.weight").shape[
-            0
-        ],
+        "encoder_layers": len(key_indices(state_dict, rf"{re.escape(decoder)}transformer\.encoder\.layers\.(\d+)\.")),
+        "encoder_feedforward_dim": require_key(state_dict, first_encoder_layer + "linear1.weight").shape[0],
         "num_attention_heads": sampling_offsets.shape[0] // (DEFORMABLE_LEVELS * DEFORMABLE_POINTS * 2),
         "common_stride": 8 // 2**num_fpn_levels,
         "hidden_dim": queries.shape[1],
         "num_queries": queries.shape[0],
-        "decoder_layers": len(_indices(state_dict, rf"{re.escape(predictor)}transformer_ffn_layers\.(\d+)\.")) + 1,
-        "dim_feedforward": _require(state_dict, predictor + "transformer_ffn_layers.0.linear1.weight").shape[0],
+        "decoder_layers": len(key_indices(state_dict, rf"{re.escape(predictor)}transformer_ffn_layers\.(\d+)\.")) + 1,
+        "dim_feedforward": require_key(state_dict, predictor + "transformer_ffn_layers.0.linear1.weight").shape[0],
         "enforce_input_projection": predictor + "input_proj.0.weight" in state_dict,
         "num_labels": classifier.shape[0] - 1,
     }
@@ -112,10 +116,21 @@ def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
 def config_from_original(
     state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
 ) -> SemaskMask2FormerConfig:
-    """A `SemaskMask2FormerConfig` for an original checkpoint: inferred from the weights, then the preset (e.g.
-    ``"semask-large-mask2former-ade20k"``), then `overrides` (encoder settings such as `semantic_attention` or
-    `semantic_window_size` go to the encoder). A preset or override that contradicts the weights raises
-    `CheckpointMismatchError`."""
+    """A `SemaskMask2FormerConfig` for an original SeMask-Mask2Former checkpoint: inferred from the weights, then the
+    preset, then `overrides`.
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`):
+            The original state dict (meta tensors suffice, except for `criterion.empty_weight`).
+        preset (`str`, *optional*):
+            A SeMask-Mask2Former preset, e.g. ``"semask-large-mask2former-ade20k"``.
+        overrides (`dict`, *optional*):
+            Config arguments over the preset's; encoder settings (`semantic_attention`, `semantic_window_size`, ...)
+            go to the encoder.
+
+    Raises:
+        `CheckpointMismatchError`: a preset of another kind, or a preset or override that contradicts the weights.
+    """
     if preset is not None and preset not in MASK2FORMER_PRESET_NAMES:
         raise CheckpointMismatchError(
             f"{preset} is not a SeMask-Mask2Former preset, but this is a SeMask-Mask2Former checkpoint; use one of "
@@ -133,53 +148,44 @@ def config_from_original(
     raise_on_contradictions(chosen, head, num_labels)
     raise_on_contradictions(chosen_encoder, encoder, num_labels)
     id2label = chosen.pop("id2label", {index: f"LABEL_{index}" for index in range(num_labels)})
-    backbone = {
-        "semantic_window_size": 7,
-        "semantic_attention": mask2former_semantic_attention(num_labels, len(encoder["depths"])),
-        **chosen_encoder,
-        **encoder,
-    }
+    backbone = {"semantic_window_size": 7, **chosen_encoder, **encoder}
     return SemaskMask2FormerConfig(**{**chosen, **head, "backbone_config": backbone, "id2label": id2label})
 
 
-def convert_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename original keys to semask keys; split the decoder self-attention's fused `in_proj` into q / k / v."""
-    backbone = {key: value for key, value in state_dict.items() if key.startswith("backbone.")}
-    converted = {
-        ENCODER_PREFIX + key.removeprefix("semask."): value for key, value in convert_state_dict(backbone).items()
-    }
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename original SeMask-Mask2Former keys to `SemaskMask2FormerForUniversalSegmentation` keys: the encoder's as
+    `convert_encoder_state_dict` does, the head's to transformers' Mask2Former names, with the decoder
+    self-attention's fused `in_proj` split into q / k / v."""
+    converted = convert_encoder_state_dict(state_dict, ENCODER_PREFIX)
     for key, value in state_dict.items():
-        if key in backbone:
+        if key.startswith(ENCODER_KEY_PREFIX):
             continue
-        key = _rename(key)
+        key = rename_key(key, HEAD_KEY_RENAMES)
         if in_proj := SELF_ATTENTION_IN_PROJ.match(key):
-            prefix, kind = in_proj.groups()
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                converted[f"{prefix}.{name}.{kind}"] = part.clone()
+            converted |= split_fused_projection(f"{in_proj[1]}.", in_proj[2], value)
         else:
             converted[key] = value
     return converted
 
 
-def _rename(key: str) -> str:
-    for pattern, replacement in HEAD_KEY_RENAMES:
-        renamed, count = re.subn("^" + pattern, replacement, key)
-        if count:
-            return renamed
-    return key
-
-
 def convert_mask2former_checkpoint(
     state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
 ) -> SemaskMask2FormerForUniversalSegmentation:
-    """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict."""
-    config = config_from_original(state_dict, preset, **overrides)
-    converted = convert_mask2former_state_dict(state_dict)
-    model = SemaskMask2FormerForUniversalSegmentation(config)
+    """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict.
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`):
+            The original state dict.
+        preset (`str`, *optional*), overrides (`dict`, *optional*):
+            As for `config_from_original`.
+
+    Raises:
+        `CheckpointMismatchError`: settings that contradict the weights, or keys that do not fit the model.
+    """
+    model = SemaskMask2FormerForUniversalSegmentation(config_from_original(state_dict, preset, **overrides))
+    converted = convert_state_dict(state_dict)
     # The loss buffer follows `no_object_weight` (inferred from it); without scipy the model has no loss module.
     converted.pop(NO_OBJECT_WEIGHT_KEY, None)
     if model.criterion is not None:
         converted[NO_OBJECT_WEIGHT_KEY] = model.criterion.empty_weight
-    check_state_dict(converted, model)
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
+    return load_converted(model, converted)

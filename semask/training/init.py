@@ -1,0 +1,191 @@
+"""Model initialisation for training: a checkpoint of the model's kind, a Swin checkpoint, a preset or "tiny"."""
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+
+from ..configuration_semask import SemaskConfig
+from ..configuration_semask_mask2former import SemaskMask2FormerConfig
+from ..modelcard import encoder_config
+from ..modeling_semask import SemaskForSemanticSegmentation, load_swin, summarize_keys, swin_encoder_settings
+from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+from .arguments import MODEL_NAMES, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "depths": (2, 2, 2, 2),
+    "num_heads": (1, 2, 4, 8),
+    "window_size": 4,
+    "semantic_window_size": 4,
+    "mlp_ratio": 2.0,
+    "decoder_hidden_size": 32,
+    "drop_path_rate": 0.1,
+}
+"""A SeMask small enough to train on a CPU in minutes (`--preset tiny`)."""
+
+TINY_MASK2FORMER_CONFIG = {
+    "backbone_config": {key: value for key, value in TINY_CONFIG.items() if key != "decoder_hidden_size"},
+    "feature_size": 32,
+    "mask_feature_size": 32,
+    "hidden_dim": 32,
+    "num_attention_heads": 4,
+    "encoder_layers": 1,
+    "encoder_feedforward_dim": 64,
+    "decoder_layers": 3,
+    "dim_feedforward": 64,
+    "num_queries": 16,
+    "train_num_points": 256,
+}
+"""A SeMask-Mask2Former with the encoder of `TINY_CONFIG` (`--preset tiny --model_type semask_mask2former`)."""
+
+MODEL_CLASSES = {
+    SemaskConfig.model_type: SemaskForSemanticSegmentation,
+    SemaskMask2FormerConfig.model_type: SemaskMask2FormerForUniversalSegmentation,
+}
+# Where SeMask-Mask2Former keeps its SeMask-Swin encoder.
+MASK2FORMER_ENCODER = "model.pixel_level_module.encoder"
+
+
+@dataclass
+class InitialisationReport:
+    """What `initialise_model` loaded and what it initialised afresh.
+
+    Args:
+        source (`str`):
+            Where the weights come from, as a phrase (e.g. "the Swin checkpoint microsoft/swin-tiny-...").
+        reinitialised (`list[str]`, *optional*):
+            The model's weights that were initialised afresh, sorted.
+        unused (`list[str]`, *optional*):
+            The checkpoint's weights that the model does not use, sorted.
+    """
+
+    source: str
+    reinitialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"Initialised from {self.source}."]
+        if self.reinitialised:
+            lines.append(f"Newly initialised ({len(self.reinitialised)}): {summarize_keys(self.reinitialised)}")
+        if self.unused:
+            lines.append(f"Checkpoint weights not used ({len(self.unused)}): {summarize_keys(self.unused)}")
+        return "\n".join(lines)
+
+
+def resolve_model_type(args: ModelArguments) -> str:
+    """The kind of model to train, "semask" (SeMask-FPN) or "semask_mask2former": `--model_type`, which must agree
+    with the preset's or checkpoint's kind; for "tiny", Swin checkpoints and no model it defaults to SeMask-FPN."""
+    implied, source = None, None
+    if args.preset:
+        if args.preset in SemaskMask2FormerConfig.preset_names:
+            implied = SemaskMask2FormerConfig.model_type
+        elif args.preset in SemaskConfig.preset_names:
+            implied = SemaskConfig.model_type
+        elif args.preset != "tiny":
+            names = ", ".join(("tiny", *SemaskConfig.preset_names, *SemaskMask2FormerConfig.preset_names))
+            raise ValueError(f"Unknown preset {args.preset!r}; expected one of: {names}.")
+        source = f"the preset {args.preset!r}"
+    elif args.model_name_or_path:
+        checkpoint_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+        if checkpoint_type not in (*MODEL_CLASSES, "swin"):
+            raise ValueError(
+                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a SeMask, SeMask-Mask2Former "
+                "or Swin one."
+            )
+        implied = checkpoint_type if checkpoint_type in MODEL_CLASSES else None
+        source = f"the checkpoint {args.model_name_or_path}"
+    if args.model_type and implied and args.model_type != implied:
+        raise ValueError(f"--model_type {args.model_type} contradicts {source}, which is a {implied!r} model.")
+    return args.model_type or implied or SemaskConfig.model_type
+
+
+def initialise_model(
+    args: ModelArguments, id2label: dict[int, str]
+) -> tuple[SemaskForSemanticSegmentation | SemaskMask2FormerForUniversalSegmentation, InitialisationReport]:
+    """A SeMask-FPN or SeMask-Mask2Former model (`resolve_model_type`) for the label set `id2label`, from a checkpoint
+    of that kind, a Swin checkpoint, a preset or "tiny"."""
+    if args.model_name_or_path and args.preset:
+        raise ValueError("Pass either --model_name_or_path or --preset, not both.")
+    if not args.preset and not args.model_name_or_path:
+        raise ValueError("No model given: pass --model_name_or_path (SeMask or Swin checkpoint) or --preset.")
+    model_type = resolve_model_type(args)
+    labels = {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
+    if args.preset:
+        config = preset_config(args.preset, model_type, labels)
+        set_drop_path_rate(config, args.drop_path_rate)
+        return MODEL_CLASSES[model_type](config), InitialisationReport(
+            f"random weights in the {args.preset!r} architecture"
+        )
+    if AutoConfig.from_pretrained(args.model_name_or_path).model_type == "swin":
+        return _model_from_swin(args.model_name_or_path, model_type, labels, args.drop_path_rate)
+    return _model_from_checkpoint(args.model_name_or_path, model_type, labels, args.drop_path_rate)
+
+
+def preset_config(preset: str, model_type: str, labels: dict[str, dict]) -> PreTrainedConfig:
+    """The config of `preset` (or of the tiny demo model) for `labels`; the config applies the original
+    semantic-attention rule to this label set."""
+    config_class = MODEL_CLASSES[model_type].config_class
+    if preset == "tiny":
+        return config_class(**(TINY_CONFIG if config_class is SemaskConfig else TINY_MASK2FORMER_CONFIG), **labels)
+    return config_class.from_preset(preset, **labels)
+
+
+def set_drop_path_rate(config: PreTrainedConfig, drop_path_rate: float | None) -> None:
+    """Set the encoder's stochastic depth rate, unless `drop_path_rate` is None."""
+    if drop_path_rate is not None:
+        encoder_config(config).drop_path_rate = drop_path_rate
+
+
+def _model_from_swin(
+    path: str, model_type: str, labels: dict[str, dict], drop_path_rate: float | None
+) -> tuple[PreTrainedModel, InitialisationReport]:
+    overrides = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
+    source = f"the Swin checkpoint {path}"
+    if model_type == SemaskConfig.model_type:
+        model, info = SemaskForSemanticSegmentation.from_swin_pretrained(
+            path, output_loading_info=True, **labels, **overrides
+        )
+        return model, InitialisationReport(source, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
+    swin = load_swin(path)
+    # Encoder settings without `semantic_attention`: the config applies the original Mask2Former rule.
+    config = SemaskMask2FormerConfig(backbone_config=swin_encoder_settings(swin.config, **overrides), **labels)
+    model = SemaskMask2FormerForUniversalSegmentation(config)
+    info = model.get_submodule(MASK2FORMER_ENCODER).load_swin_weights(swin, path)
+    fresh = [name for name in model.state_dict() if not name.startswith(f"{MASK2FORMER_ENCODER}.")]
+    fresh += [f"{MASK2FORMER_ENCODER}.{name}" for name in info["missing_keys"]]
+    return model, InitialisationReport(source, sorted(fresh), sorted(info["unexpected_keys"]))
+
+
+def _model_from_checkpoint(
+    path: str, model_type: str, labels: dict[str, dict], drop_path_rate: float | None
+) -> tuple[PreTrainedModel, InitialisationReport]:
+    config = AutoConfig.from_pretrained(path)
+    previous_labels = config.id2label
+    config.id2label, config.label2id = labels["id2label"], labels["label2id"]
+    set_drop_path_rate(config, drop_path_rate)
+    model, info = MODEL_CLASSES[model_type].from_pretrained(
+        path, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    mismatched = sorted(key for key, *_ in info["mismatched_keys"])
+    report = InitialisationReport(
+        f"the {MODEL_NAMES[model_type]} checkpoint {path}",
+        sorted(set(info["missing_keys"]) | set(mismatched)),
+        sorted(info["unexpected_keys"]),
+    )
+    if mismatched:
+        logger.warning(
+            "The label set changed (%d -> %d classes): re-initialised the class projections of the semantic layers "
+            "and the classifier: %s",
+            len(previous_labels),
+            len(labels["id2label"]),
+            summarize_keys(mismatched),
+        )
+    elif previous_labels != labels["id2label"]:
+        logger.warning(
+            "The label names differ from the checkpoint's but their number (%d) does not: the class weights are kept.",
+            len(previous_labels),
+        )
+    return model, report
