@@ -59,10 +59,13 @@ def cpu_inference_sdpa(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     scores = torch.matmul(query, key.transpose(-1, -2))
-    scores = scores.mul_(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if scaling != 1:
+        scores = scores.mul_(scaling)
     if attention_mask is not None:
         scores = scores.add_(attention_mask)
-    return torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2), None
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (with the dtype: a faster CPU kernel)
+    return torch.matmul(weights, value).transpose(1, 2), None
 
 
 ALL_ATTENTION_FUNCTIONS["sdpa"] = cpu_inference_sdpa

@@ -579,7 +579,7 @@ def sum_of_upsampled_priors(priors: tuple[torch.Tensor, ...], align_corners: boo
     if not any(sizes_differ(big, (2 * small[0], 2 * small[1])) for big, small in zip(sizes, sizes[1:])):
         total = priors[-1]
         for prior in reversed(priors[:-1]):
-            total = upsample(total) + prior
+            total = upsample(total).add_(prior)  # (in place: upsampling's backward does not need its output)
         return total
     upsampled = []
     for index, prior in enumerate(priors):
@@ -658,7 +658,9 @@ class SemaskFPNHead(nn.Module):
             upsampled = [head[-1](x) for head, x in zip(heads, before_upsample)]
             return sum_at_first_size([first, *upsampled], self.align_corners)
         upsampled = heads[0][-1](sum_at_first_size(before_upsample, self.align_corners))
-        return sum_at_first_size([first, upsampled], self.align_corners)
+        if sizes_differ(upsampled.shape[-2:], first.shape[-2:]):
+            return sum_at_first_size([first, upsampled], self.align_corners)
+        return upsampled.add_(first)  # (in place: upsampling's backward does not need its output)
 
 
 def checkpointed(

@@ -203,3 +203,18 @@ def test_semantic_inference_scores_classes_over_the_cropped_input(tiny_model):
         semantic_inference(outputs.class_queries_logits, outputs.masks_queries_logits, (20, 30)), scores[..., :20, :30]
     )
     assert is_mask_classification(tiny_model) and not is_mask_classification(torch.nn.Linear(1, 1))
+
+
+def test_output_attentions_are_returned_and_unknown_arguments_refused(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outputs = tiny_model(pixel_values, output_attentions=True)
+        assert tiny_model(pixel_values).attentions is None
+    # one attention map per masked-attention decoder layer: (batch, heads, queries, keys)
+    assert len(outputs.attentions) == tiny_model.config.decoder_layers - 1
+    config = tiny_model.config
+    assert outputs.attentions[0].shape[:3] == (1, config.num_attention_heads, config.num_queries)
+    with pytest.raises(TypeError, match=r"does not use: \['output_semantic_attentions'\]"):
+        tiny_model(pixel_values, output_semantic_attentions=True)
+    with pytest.raises(TypeError, match=r"does not use: \['pixel_mask'\]"):
+        tiny_model.model(pixel_values, pixel_mask=torch.ones(1, 64, 64))

@@ -171,17 +171,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def convert_mask2former_checkpoint(
     state_dict: dict[str, torch.Tensor], preset: str | None = None, **overrides
 ) -> SemaskMask2FormerForUniversalSegmentation:
-    """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict.
-
-    Args:
-        state_dict (`dict[str, torch.Tensor]`):
-            The original state dict.
-        preset (`str`, *optional*), overrides (`dict`, *optional*):
-            As for `config_from_original`.
-
-    Raises:
-        `CheckpointMismatchError`: settings that contradict the weights, or keys that do not fit the model.
-    """
+    """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict;
+    arguments and errors as for `semask.conversion.fpn.convert_fpn_checkpoint`."""
     model = SemaskMask2FormerForUniversalSegmentation(config_from_original(state_dict, preset, **overrides))
     converted = convert_state_dict(state_dict)
     # The loss buffer follows `no_object_weight` (inferred from it); without scipy the model has no loss module.
