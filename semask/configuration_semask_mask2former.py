@@ -6,6 +6,8 @@ from transformers import Mask2FormerConfig
 from .configuration_semask import SemaskConfig, check_class_ids
 from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
 
+PIXEL_DECODERS = ("msdeformattn", "fapn")
+
 
 @strict
 class SemaskMask2FormerConfig(Mask2FormerConfig):
@@ -35,6 +37,10 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
             Images are padded (bottom / right, with 0) to a multiple of this before the encoder, as the original
             meta-architecture does; predictions keep the padded size, and label maps are padded with
             `ignore_value`.
+        pixel_decoder (`str`, *optional*, defaults to `"msdeformattn"`):
+            The pixel decoder: `"msdeformattn"` (transformers' Mask2Former multi-scale deformable-attention decoder,
+            the original SeMask-Mask2Former) or `"fapn"` (the feature-aligned pyramid of the original
+            SeMask-Mask2Former-FaPN, `PixelFANDecoder`; `feature_size` must be a multiple of 32 for its GroupNorms).
 
     Example:
 
@@ -61,6 +67,7 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
 
     semantic_loss_weight: float | int = 0.4
     size_divisibility: int = 32
+    pixel_decoder: str = "msdeformattn"
 
     def __post_init__(self, **kwargs):
         # Built here rather than by `Mask2FormerConfig`, which resolves backbone dicts through transformers' own
@@ -96,6 +103,13 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
+        if self.pixel_decoder not in PIXEL_DECODERS:
+            raise ValueError(f"`pixel_decoder` must be one of {PIXEL_DECODERS}, got {self.pixel_decoder!r}.")
+        if self.pixel_decoder == "fapn" and self.feature_size % 32:
+            raise ValueError(
+                f"The FaPN pixel decoder normalises with GroupNorm(32): `feature_size` must be a multiple of 32, got "
+                f"{self.feature_size}."
+            )
         check_class_ids(self.id2label)
         backbone = self.backbone_config
         if backbone.num_labels != self.num_labels:

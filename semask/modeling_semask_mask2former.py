@@ -32,6 +32,7 @@ from .modeling_semask import (
     sum_of_upsampled_priors,
     with_remote_code_auto_map,
 )
+from .modeling_semask_fapn import SemaskFaPNPixelDecoder, init_fapn_weights
 from .sizes import padded_to
 
 REMOTE_CODE_AUTO_MAP = {
@@ -125,14 +126,18 @@ def refuse_unknown_arguments(model: nn.Module, kwargs: dict) -> None:
 
 
 class SemaskMask2FormerPixelLevelModule(nn.Module):
-    """The SeMask-Swin encoder and transformers' Mask2Former pixel decoder; also returns the semantic priors."""
+    """The SeMask-Swin encoder and the pixel decoder of `config.pixel_decoder` (transformers' Mask2Former one, or
+    FaPN); also returns the semantic priors."""
 
     def __init__(self, config: SemaskMask2FormerConfig):
         super().__init__()
         backbone = config.backbone_config
         self.encoder = SemaskModel(backbone)
         channels = [backbone.embed_dim * 2**index for index in range(backbone.num_layers)]
-        self.decoder = Mask2FormerPixelDecoder(config, feature_channels=channels)
+        if config.pixel_decoder == "fapn":
+            self.decoder = SemaskFaPNPixelDecoder(channels, config.feature_size, config.mask_feature_size)
+        else:
+            self.decoder = Mask2FormerPixelDecoder(config, feature_channels=channels)
 
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
@@ -159,6 +164,11 @@ class SemaskMask2FormerPreTrainedModel(Mask2FormerPreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         with_remote_code_auto_map(self.config, REMOTE_CODE_AUTO_MAP)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        init_fapn_weights(module)
 
 
 class SemaskMask2FormerModel(SemaskMask2FormerPreTrainedModel):

@@ -48,6 +48,20 @@ print(json.dumps({
 """
 
 
+def run_remote_script(folder, how: str, tmp_path) -> dict:
+    """`REMOTE_SCRIPT`'s report on a saved folder (its inputs `pixel_values.pt`, `masks.pt`, `image.png` beside it),
+    run in a fresh process with an empty Hub cache."""
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), how, str(folder.parent / "image.png")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A saved tiny SeMask-Mask2Former with its processor, a test image, an input and its mask predictions."""
@@ -106,15 +120,7 @@ def test_a_new_label_set_reinitialises_every_class_projection(saved):
 @pytest.mark.parametrize("how", ["installed", "remote"])
 def test_remote_code_and_pipeline(saved, how, tmp_path):
     model, processor, folder, image = saved
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), how, str(folder.parent / "image.png")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")},
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_remote_script(folder, how, tmp_path)
     assert report["model"].startswith("semask." if how == "installed" else "transformers_modules.")
     assert report["pipeline_model"] == "SemaskMask2FormerForUniversalSegmentation"
     with torch.no_grad():

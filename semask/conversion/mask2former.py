@@ -76,6 +76,17 @@ HEAD_KEY_RENAMES: KeyRenames = [
         TRANSFORMER + r"decoder.mask_predictor.mask_embedder.\1.0.",
     ),
 ]
+ORIGINAL_PIXEL_DECODER = "sem_seg_head.pixel_decoder."
+FAPN_DETECTION_KEY = ORIGINAL_PIXEL_DECODER + "align_1.dcpack_L2.weight"  # only `PixelFANDecoder` has it
+FAPN_KEY = re.compile(r"(adapter|align|layer)_(\d+)\.(.+)$")
+FAPN_LEVEL_PARTS = [  # (original part after `<module>_<n>.`, semask part after `levels.<n - 1>.`)
+    ("adapter", r"weight$", "lateral.conv.weight"),
+    ("adapter", r"norm\.", "lateral.norm."),
+    ("align", r"offset\.weight$", "offset.weight"),
+    ("align", r"dcpack_L2\.", "deform_conv."),
+    ("layer", r"weight$", "output.weight"),
+    ("layer", r"norm\.", "norm."),
+]
 SELF_ATTENTION_IN_PROJ = re.compile(r"(.*\.self_attn)\.in_proj_(weight|bias)$")
 NO_OBJECT_WEIGHT_KEY = "criterion.empty_weight"
 # `MSDeformAttnPixelDecoder`'s deformable attention: 3 feature levels, 4 sampling points (fixed in both codes).
@@ -85,22 +96,63 @@ ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
 }
 
 
+def is_fapn_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether an original SeMask-Mask2Former state dict has the FaPN pixel decoder (`PixelFANDecoder`)."""
+    return FAPN_DETECTION_KEY in state_dict
+
+
+def fapn_decoder_key(key: str, num_levels: int) -> str | None:
+    """The semask name (after the pixel decoder's prefix) of an original `PixelFANDecoder` key (after
+    `sem_seg_head.pixel_decoder.`); None for `align_<n>.offset.norm.*`, which repeat `layer_<n>.norm.*` (the original
+    hands one GroupNorm to both; semask keeps it once, as `levels.<n - 1>.norm`)."""
+    if key.startswith("mask_features."):
+        return "mask_projection." + key.removeprefix("mask_features.")
+    match = FAPN_KEY.match(key)
+    if match is None:
+        return key
+    module, level, part = match[1], int(match[2]), match[3]
+    if module == "layer" and level == num_levels:  # the coarsest stage: only its 3x3 conv
+        return "coarsest." + ("conv.weight" if part == "weight" else part)
+    if module == "align" and part.startswith("offset.norm."):
+        return None
+    for original_module, pattern, semask_part in FAPN_LEVEL_PARTS:
+        if module == original_module and re.match(pattern, part):
+            return f"levels.{level - 1}.{re.sub(pattern, semask_part, part, count=1)}"
+    return key
+
+
+def convert_fapn_decoder_state_dict(decoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original `PixelFANDecoder` state dict (keys without `sem_seg_head.pixel_decoder.`) with semask's
+    `SemaskFaPNPixelDecoder` names; a CheckpointMismatchError where a level's two copies of its shared norm differ."""
+    num_levels = len(key_indices(decoder_state, r"layer_(\d+)\."))
+    converted = {}
+    for key, value in decoder_state.items():
+        new_key = fapn_decoder_key(key, num_levels)
+        if new_key is not None:
+            converted[new_key] = value
+            continue
+        shared = decoder_state.get(key.replace("align_", "layer_", 1).replace(".offset.norm.", ".norm.", 1))
+        if shared is None or not torch.equal(shared, value):
+            raise CheckpointMismatchError(
+                f"{key} should equal the output norm it shares in the original FaPN decoder, but differs from it."
+            )
+    return converted
+
+
 def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     """The `SemaskMask2FormerConfig` arguments that the original `sem_seg_head.*` / `criterion.*` weights determine."""
-    decoder, predictor = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
-    first_encoder_layer = decoder + "transformer.encoder.layers.0."
+    decoder, predictor = ORIGINAL_PIXEL_DECODER, "sem_seg_head.predictor."
     mask_features = require_key(state_dict, decoder + "mask_features.weight")
-    sampling_offsets = require_key(state_dict, first_encoder_layer + "self_attn.sampling_offsets.weight")
     queries = require_key(state_dict, predictor + "query_feat.weight")
     classifier = require_key(state_dict, predictor + "class_embed.weight")
-    num_fpn_levels = len(key_indices(state_dict, rf"{re.escape(decoder)}adapter_(\d+)\."))
     kwargs = {
         "feature_size": mask_features.shape[1],
         "mask_feature_size": mask_features.shape[0],
-        "encoder_layers": len(key_indices(state_dict, rf"{re.escape(decoder)}transformer\.encoder\.layers\.(\d+)\.")),
-        "encoder_feedforward_dim": require_key(state_dict, first_encoder_layer + "linear1.weight").shape[0],
-        "num_attention_heads": sampling_offsets.shape[0] // (DEFORMABLE_LEVELS * DEFORMABLE_POINTS * 2),
-        "common_stride": 8 // 2**num_fpn_levels,
+        **(
+            {"pixel_decoder": "fapn"}
+            if is_fapn_state_dict(state_dict)
+            else infer_deformable_decoder_kwargs(state_dict, decoder)
+        ),
         "hidden_dim": queries.shape[1],
         "num_queries": queries.shape[0],
         "decoder_layers": len(key_indices(state_dict, rf"{re.escape(predictor)}transformer_ffn_layers\.(\d+)\.")) + 1,
@@ -111,6 +163,19 @@ def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     if NO_OBJECT_WEIGHT_KEY in state_dict:
         kwargs["no_object_weight"] = float(f"{state_dict[NO_OBJECT_WEIGHT_KEY][-1].item():.7g}")  # float32 -> decimal
     return kwargs
+
+
+def infer_deformable_decoder_kwargs(state_dict: dict[str, torch.Tensor], decoder: str) -> dict:
+    """The settings of an original `MSDeformAttnPixelDecoder` that its weights determine."""
+    first_encoder_layer = decoder + "transformer.encoder.layers.0."
+    sampling_offsets = require_key(state_dict, first_encoder_layer + "self_attn.sampling_offsets.weight")
+    num_fpn_levels = len(key_indices(state_dict, rf"{re.escape(decoder)}adapter_(\d+)\."))
+    return {
+        "encoder_layers": len(key_indices(state_dict, rf"{re.escape(decoder)}transformer\.encoder\.layers\.(\d+)\.")),
+        "encoder_feedforward_dim": require_key(state_dict, first_encoder_layer + "linear1.weight").shape[0],
+        "num_attention_heads": sampling_offsets.shape[0] // (DEFORMABLE_LEVELS * DEFORMABLE_POINTS * 2),
+        "common_stride": 8 // 2**num_fpn_levels,
+    }
 
 
 def config_from_original(
@@ -154,11 +219,22 @@ def config_from_original(
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename original SeMask-Mask2Former keys to `SemaskMask2FormerForUniversalSegmentation` keys: the encoder's as
-    `convert_encoder_state_dict` does, the head's to transformers' Mask2Former names, with the decoder
-    self-attention's fused `in_proj` split into q / k / v."""
+    `convert_encoder_state_dict` does, a FaPN pixel decoder's by `convert_fapn_decoder_state_dict`, the rest of the
+    head's to transformers' Mask2Former names, with the decoder self-attention's fused `in_proj` split into q / k /
+    v."""
     converted = convert_encoder_state_dict(state_dict, ENCODER_PREFIX)
+    fapn = is_fapn_state_dict(state_dict)
+    if fapn:
+        decoder_state = {
+            key.removeprefix(ORIGINAL_PIXEL_DECODER): value
+            for key, value in state_dict.items()
+            if key.startswith(ORIGINAL_PIXEL_DECODER)
+        }
+        converted |= {
+            PIXEL_DECODER + key: value for key, value in convert_fapn_decoder_state_dict(decoder_state).items()
+        }
     for key, value in state_dict.items():
-        if key.startswith(ENCODER_KEY_PREFIX):
+        if key.startswith(ENCODER_KEY_PREFIX) or (fapn and key.startswith(ORIGINAL_PIXEL_DECODER)):
             continue
         key = rename_key(key, HEAD_KEY_RENAMES)
         if in_proj := SELF_ATTENTION_IN_PROJ.match(key):
