@@ -6,7 +6,7 @@ from transformers import Mask2FormerConfig
 from .configuration_semask import SemaskConfig, check_class_ids
 from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
 
-PIXEL_DECODERS = ("msdeformattn", "fapn")
+PIXEL_DECODERS = ("msdeformattn", "fapn", "msfapn")
 
 
 @strict
@@ -40,7 +40,8 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
         pixel_decoder (`str`, *optional*, defaults to `"msdeformattn"`):
             The pixel decoder: `"msdeformattn"` (transformers' Mask2Former multi-scale deformable-attention decoder,
             the original SeMask-Mask2Former) or `"fapn"` (the feature-aligned pyramid of the original
-            SeMask-Mask2Former-FaPN, `PixelFANDecoder`; `feature_size` must be a multiple of 32 for its GroupNorms).
+            SeMask-Mask2Former-FaPN, `PixelFANDecoder`) or `"msfapn"` (the deformable-attention decoder with a FaPN
+            level, `MSDeformAttnPixelFANDecoder`); FaPN levels need a `feature_size` that is a multiple of 32.
 
     Example:
 
@@ -105,7 +106,7 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
         super().validate_architecture()
         if self.pixel_decoder not in PIXEL_DECODERS:
             raise ValueError(f"`pixel_decoder` must be one of {PIXEL_DECODERS}, got {self.pixel_decoder!r}.")
-        if self.pixel_decoder == "fapn" and self.feature_size % 32:
+        if self.pixel_decoder != "msdeformattn" and self.feature_size % 32:
             raise ValueError(
                 f"The FaPN pixel decoder normalises with GroupNorm(32): `feature_size` must be a multiple of 32, got "
                 f"{self.feature_size}."

@@ -1,9 +1,11 @@
-"""The FaPN pixel decoder of SeMask-Mask2Former-FaPN (Huang et al., "FaPN: Feature-aligned Pyramid Network for
-Dense Image Prediction"), as the original `PixelFANDecoder` computes it.
+"""The FaPN and MSFaPN pixel decoders of SeMask-Mask2Former (Huang et al., "FaPN: Feature-aligned Pyramid Network
+for Dense Image Prediction"), as the original `PixelFANDecoder` and `MSDeformAttnPixelFANDecoder` compute them.
 
-A top-down FPN over the four encoder stages in which each finer level is aligned to the upsampled coarser one by a
-modulated deformable 3x3 convolution (DCNv2, 8 deformable groups, offsets and modulation predicted from the
-features). The deformable convolution is torchvision's `deform_conv2d` (no compiled extension).
+FaPN: a top-down FPN over the four encoder stages in which each finer level is aligned to the upsampled coarser one
+by a modulated deformable 3x3 convolution (DCNv2, 8 deformable groups, offsets and modulation predicted from the
+features). MSFaPN: transformers' Mask2Former pixel decoder (multi-scale deformable attention over the three coarsest
+stages) whose FPN level is such an aligned level. The deformable convolution is torchvision's `deform_conv2d` (no
+compiled extension).
 """
 
 import math
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 from transformers import initialization as init
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoderOutput
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder, Mask2FormerPixelDecoderOutput
 
 FAPN_NORM_GROUPS = 32  # the original's "GN" norm: detectron2's GroupNorm(32, channels)
 FAPN_FEATURE_LEVELS = 3  # coarsest levels handed to the transformer decoder, as in the original
@@ -64,14 +66,15 @@ class SemaskFaPNConv(nn.Sequential):
 class SemaskFaPNLevel(nn.Module):
     """One finer pyramid level: lateral 1x1 conv, feature alignment (the original `FeatureAlign`), 3x3 output conv.
 
-    `top_down = lateral + nearest_upsample(coarser)`; the offsets come from `concat(lateral, 2 * top_down)` through
-    a 1x1 conv; `aligned = relu(dcn(top_down, offsets)) + lateral`; the output is `relu(norm(conv3x3(aligned)))`.
-    The offset conv and the output conv share one GroupNorm, as in the original (which hands the same norm module
-    to both).
+    `top_down = lateral + upsample(coarser)` (nearest in FaPN, bilinear in MSFaPN); the offsets come from
+    `concat(lateral, 2 * top_down)` through a 1x1 conv; `aligned = relu(dcn(top_down, offsets)) + lateral`; the output
+    is `relu(norm(conv3x3(aligned)))`. The offset conv and the output conv share one GroupNorm, as in the original
+    (which hands the same norm module to both).
     """
 
-    def __init__(self, in_channels: int, channels: int):
+    def __init__(self, in_channels: int, channels: int, upsampling: str = "nearest"):
         super().__init__()
+        self.upsampling = upsampling
         self.lateral = SemaskFaPNConv(in_channels, channels, 1)
         self.offset = SemaskFaPNConv2d(2 * channels, channels, 1, bias=False)
         self.deform_conv = SemaskModulatedDeformConv(channels)
@@ -80,7 +83,7 @@ class SemaskFaPNLevel(nn.Module):
 
     def forward(self, features: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
         lateral = self.lateral(features)
-        top_down = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="nearest")
+        top_down = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode=self.upsampling)
         offsets = self.norm(self.offset(torch.cat([lateral, 2 * top_down], dim=1)))
         aligned = F.relu(self.deform_conv(top_down.float(), offsets.float())) + lateral
         return F.relu(self.norm(self.output(aligned)))
@@ -108,6 +111,43 @@ class SemaskFaPNPixelDecoder(nn.Module):
             outputs.append(level(features, outputs[-1]))
         return Mask2FormerPixelDecoderOutput(
             mask_features=self.mask_projection(outputs[-1]), multi_scale_features=tuple(outputs[:FAPN_FEATURE_LEVELS])
+        )
+
+
+class SemaskMSFaPNPixelDecoder(Mask2FormerPixelDecoder):
+    """transformers' Mask2Former pixel decoder with the FPN level of the finest stage made a `SemaskFaPNLevel`
+    (bilinear upsampling), as the original `MSDeformAttnPixelFANDecoder`.
+
+    The parent computes the three deformable-attention levels; its mask projection is the identity here, so its
+    `mask_features` are its finest output, which the FaPN level refines before `fpn_mask_projection`.
+    """
+
+    def __init__(self, config, feature_channels: list[int]):
+        super().__init__(config, feature_channels=feature_channels)
+        for index in range(self.num_fpn_levels):  # transformers' plain FPN convs, replaced by FaPN levels
+            delattr(self, f"adapter_{index + 1}")
+            delattr(self, f"layer_{index + 1}")
+        self.levels = nn.ModuleList(
+            [
+                SemaskFaPNLevel(in_channels, config.feature_size, upsampling="bilinear")
+                for in_channels in feature_channels[: self.num_fpn_levels]
+            ]
+        )
+        self.num_fpn_levels = 0
+        self.fpn_mask_projection = SemaskFaPNConv2d(config.feature_size, config.mask_feature_size, 1)
+        self.mask_projection = nn.Identity()
+
+    def forward(
+        self, feature_maps: tuple[torch.Tensor, ...], output_hidden_states: bool = False
+    ) -> Mask2FormerPixelDecoderOutput:
+        decoded = super().forward(feature_maps, output_hidden_states=output_hidden_states)
+        finest = decoded.mask_features  # the deformable-attention levels' finest output (identity projection)
+        for level, features in zip(reversed(self.levels), reversed(feature_maps[: len(self.levels)])):
+            finest = level(features, finest)
+        return Mask2FormerPixelDecoderOutput(
+            mask_features=self.fpn_mask_projection(finest),
+            multi_scale_features=decoded.multi_scale_features,
+            attentions=decoded.attentions,
         )
 
 

@@ -32,7 +32,7 @@ from .modeling_semask import (
     sum_of_upsampled_priors,
     with_remote_code_auto_map,
 )
-from .modeling_semask_fapn import SemaskFaPNPixelDecoder, init_fapn_weights
+from .modeling_semask_fapn import SemaskFaPNPixelDecoder, SemaskMSFaPNPixelDecoder, init_fapn_weights
 from .sizes import padded_to
 
 REMOTE_CODE_AUTO_MAP = {
@@ -126,8 +126,8 @@ def refuse_unknown_arguments(model: nn.Module, kwargs: dict) -> None:
 
 
 class SemaskMask2FormerPixelLevelModule(nn.Module):
-    """The SeMask-Swin encoder and the pixel decoder of `config.pixel_decoder` (transformers' Mask2Former one, or
-    FaPN); also returns the semantic priors."""
+    """The SeMask-Swin encoder and the pixel decoder of `config.pixel_decoder` (transformers' Mask2Former one, FaPN
+    or MSFaPN); also returns the semantic priors."""
 
     def __init__(self, config: SemaskMask2FormerConfig):
         super().__init__()
@@ -136,6 +136,8 @@ class SemaskMask2FormerPixelLevelModule(nn.Module):
         channels = [backbone.embed_dim * 2**index for index in range(backbone.num_layers)]
         if config.pixel_decoder == "fapn":
             self.decoder = SemaskFaPNPixelDecoder(channels, config.feature_size, config.mask_feature_size)
+        elif config.pixel_decoder == "msfapn":
+            self.decoder = SemaskMSFaPNPixelDecoder(config, feature_channels=channels)
         else:
             self.decoder = Mask2FormerPixelDecoder(config, feature_channels=channels)
 

@@ -14,8 +14,13 @@ from test_mask2former_auto import run_remote_script
 from conftest import mask2former_fixture_dir, tiny_mask2former_config_kwargs, train_steps
 from semask import SemaskImageProcessor, SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation
 from semask.conversion import CheckpointMismatchError, convert_original_checkpoint, load_original_state_dict
-from semask.conversion.mask2former import convert_fapn_decoder_state_dict
-from semask.modeling_semask_fapn import SemaskFaPNPixelDecoder, SemaskModulatedDeformConv
+from semask.conversion.mask2former import convert_fapn_decoder_state_dict, convert_state_dict, original_pixel_decoder
+from semask.modeling_semask_fapn import (
+    SemaskFaPNLevel,
+    SemaskFaPNPixelDecoder,
+    SemaskModulatedDeformConv,
+    SemaskMSFaPNPixelDecoder,
+)
 
 
 def dcnv2_reference(inputs, offset, mask, weight, bias, groups):
@@ -202,3 +207,53 @@ def test_fapn_model_runs_as_remote_code_in_the_pipeline(fapn_model, tmp_path):
         torch.save(fapn_model(pixel_values).masks_queries_logits, tmp_path / "masks.pt")
     report = run_remote_script(folder, "remote", tmp_path)
     assert report["model"].startswith("transformers_modules.") and report["segments"]
+
+
+def test_converted_original_msfapn_pixel_decoder_reproduces_its_outputs():
+    fixture = FIXTURE.parent / "msfapn-pixel-decoder"
+    original = {
+        f"sem_seg_head.pixel_decoder.{key}": value for key, value in torch.load(fixture / "state_dict.pt").items()
+    }
+    inputs, expected = torch.load(fixture / "inputs.pt"), torch.load(fixture / "outputs.pt")
+    assert original_pixel_decoder(original) == "msfapn"
+    settings = {"encoder_layers": 2, "encoder_feedforward_dim": 64, "num_attention_heads": 4, "common_stride": 4}
+    config = SemaskMask2FormerConfig(**tiny_mask2former_config_kwargs(pixel_decoder="msfapn", **settings))
+    decoder = SemaskMSFaPNPixelDecoder(config, feature_channels=[16, 32, 64, 128]).eval()
+    prefix = "model.pixel_level_module.decoder."
+    converted = {key.removeprefix(prefix): value for key, value in convert_state_dict(original).items()}
+    decoder.load_state_dict(converted)  # strict: every weight, nothing left over
+    with torch.no_grad():
+        outputs = decoder(tuple(inputs[name] for name in ("res2", "res3", "res4", "res5")))
+    torch.testing.assert_close(outputs.mask_features, expected["mask_features"], atol=1e-4, rtol=1e-4)
+    for index, features in enumerate(outputs.multi_scale_features):
+        torch.testing.assert_close(features, expected[f"multi_scale_features.{index}"], atol=1e-4, rtol=1e-4)
+
+
+def test_msfapn_model_trains():
+    torch.manual_seed(0)
+    config = SemaskMask2FormerConfig(**tiny_mask2former_config_kwargs(pixel_decoder="msfapn"))
+    model = SemaskMask2FormerForUniversalSegmentation(config)
+    assert isinstance(model.model.pixel_level_module.decoder, SemaskMSFaPNPixelDecoder)
+    pixel_values, labels = torch.randn(2, 3, 67, 91), torch.randint(0, 5, (2, 67, 91))
+    losses = train_steps(model, pixel_values, labels, steps=8)
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_original_msfapn_checkpoint_is_detected_and_converted():
+    """The tiny-ade fixture's checkpoint with its FPN level made an original FaPN level (`align_1.*` added)."""
+    original = load_original_state_dict(mask2former_fixture_dir("tiny-ade") / "original_checkpoint.pth")
+    prefix = "sem_seg_head.pixel_decoder."
+    channels = original[prefix + "layer_1.weight"].shape[0]
+    torch.manual_seed(0)
+    level = SemaskFaPNLevel(channels, channels)
+    original[prefix + "align_1.offset.weight"] = torch.randn_like(level.offset.weight)
+    for name in ("weight", "bias"):
+        original[prefix + f"align_1.offset.norm.{name}"] = original[prefix + f"layer_1.norm.{name}"]
+    for name, value in level.deform_conv.state_dict().items():
+        original[prefix + f"align_1.dcpack_L2.{name}"] = torch.randn_like(value)
+    model = convert_original_checkpoint(original)
+    assert model.config.pixel_decoder == "msfapn" and model.config.encoder_layers > 0
+    decoder = model.model.pixel_level_module.decoder
+    torch.testing.assert_close(decoder.levels[0].offset.weight, original[prefix + "align_1.offset.weight"])
+    torch.testing.assert_close(decoder.fpn_mask_projection.weight, original[prefix + "mask_features.weight"])
+    torch.testing.assert_close(decoder.levels[0].output.weight, original[prefix + "layer_1.weight"])

@@ -96,9 +96,26 @@ ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
 }
 
 
-def is_fapn_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether an original SeMask-Mask2Former state dict has the FaPN pixel decoder (`PixelFANDecoder`)."""
-    return FAPN_DETECTION_KEY in state_dict
+def original_pixel_decoder(state_dict: dict[str, torch.Tensor]) -> str:
+    """The `pixel_decoder` of an original SeMask-Mask2Former state dict: `"fapn"` (`PixelFANDecoder`), `"msfapn"`
+    (`MSDeformAttnPixelFANDecoder`: FaPN alignment and a deformable-attention encoder) or `"msdeformattn"`."""
+    if FAPN_DETECTION_KEY not in state_dict:
+        return "msdeformattn"
+    deformable = any(key.startswith(ORIGINAL_PIXEL_DECODER + "transformer.") for key in state_dict)
+    return "msfapn" if deformable else "fapn"
+
+
+def fapn_decoder_keys(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """The original keys of the FaPN part of the pixel decoder: the whole `PixelFANDecoder`, or the FaPN levels and
+    mask projection of an `MSDeformAttnPixelFANDecoder` (none for `MSDeformAttnPixelDecoder`)."""
+    kind = original_pixel_decoder(state_dict)
+    if kind == "msdeformattn":
+        return set()
+    decoder_keys = {key for key in state_dict if key.startswith(ORIGINAL_PIXEL_DECODER)}
+    if kind == "fapn":
+        return decoder_keys
+    fapn_part = re.compile(rf"{re.escape(ORIGINAL_PIXEL_DECODER)}((adapter|align|layer)_\d+|mask_features)\.")
+    return {key for key in decoder_keys if fapn_part.match(key)}
 
 
 def fapn_decoder_key(key: str, num_levels: int) -> str | None:
@@ -121,10 +138,14 @@ def fapn_decoder_key(key: str, num_levels: int) -> str | None:
     return key
 
 
-def convert_fapn_decoder_state_dict(decoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An original `PixelFANDecoder` state dict (keys without `sem_seg_head.pixel_decoder.`) with semask's
-    `SemaskFaPNPixelDecoder` names; a CheckpointMismatchError where a level's two copies of its shared norm differ."""
-    num_levels = len(key_indices(decoder_state, r"layer_(\d+)\."))
+def convert_fapn_decoder_state_dict(
+    decoder_state: dict[str, torch.Tensor], with_coarsest: bool = True
+) -> dict[str, torch.Tensor]:
+    """Original FaPN pixel-decoder keys (without `sem_seg_head.pixel_decoder.`) with semask's names: a whole
+    `PixelFANDecoder` (`with_coarsest`: its last `layer_<n>` is the coarsest stage's conv), or the FaPN levels and
+    mask projection of an `MSDeformAttnPixelFANDecoder`; a CheckpointMismatchError where a level's two copies of its
+    shared norm differ."""
+    num_levels = len(key_indices(decoder_state, r"layer_(\d+)\.")) if with_coarsest else 0
     converted = {}
     for key, value in decoder_state.items():
         new_key = fapn_decoder_key(key, num_levels)
@@ -148,10 +169,9 @@ def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     kwargs = {
         "feature_size": mask_features.shape[1],
         "mask_feature_size": mask_features.shape[0],
+        "pixel_decoder": original_pixel_decoder(state_dict),
         **(
-            {"pixel_decoder": "fapn"}
-            if is_fapn_state_dict(state_dict)
-            else infer_deformable_decoder_kwargs(state_dict, decoder)
+            {} if original_pixel_decoder(state_dict) == "fapn" else infer_deformable_decoder_kwargs(state_dict, decoder)
         ),
         "hidden_dim": queries.shape[1],
         "num_queries": queries.shape[0],
@@ -223,18 +243,18 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     head's to transformers' Mask2Former names, with the decoder self-attention's fused `in_proj` split into q / k /
     v."""
     converted = convert_encoder_state_dict(state_dict, ENCODER_PREFIX)
-    fapn = is_fapn_state_dict(state_dict)
-    if fapn:
-        decoder_state = {
-            key.removeprefix(ORIGINAL_PIXEL_DECODER): value
-            for key, value in state_dict.items()
-            if key.startswith(ORIGINAL_PIXEL_DECODER)
-        }
-        converted |= {
-            PIXEL_DECODER + key: value for key, value in convert_fapn_decoder_state_dict(decoder_state).items()
-        }
+    fapn_keys = fapn_decoder_keys(state_dict)
+    if fapn_keys:
+        fapn_state = {key.removeprefix(ORIGINAL_PIXEL_DECODER): state_dict[key] for key in fapn_keys}
+        with_coarsest = original_pixel_decoder(state_dict) == "fapn"
+        renamed = convert_fapn_decoder_state_dict(fapn_state, with_coarsest)
+        if not with_coarsest:  # MSFaPN: the FaPN level feeds its own mask projection
+            renamed = {
+                key.replace("mask_projection.", "fpn_mask_projection.", 1): value for key, value in renamed.items()
+            }
+        converted |= {PIXEL_DECODER + key: value for key, value in renamed.items()}
     for key, value in state_dict.items():
-        if key.startswith(ENCODER_KEY_PREFIX) or (fapn and key.startswith(ORIGINAL_PIXEL_DECODER)):
+        if key.startswith(ENCODER_KEY_PREFIX) or key in fapn_keys:
             continue
         key = rename_key(key, HEAD_KEY_RENAMES)
         if in_proj := SELF_ATTENTION_IN_PROJ.match(key):
