@@ -75,10 +75,20 @@ ORIGINAL_RESULTS = {
     # SeMask-Mask2Former rows of the SeMask-Mask2Former README (same commit)
     "semask-large-mask2former-ade20k": ReportedResult("640x640", 56.41, 57.52, "222M"),
     "semask-large-mask2former-cityscapes": ReportedResult("512x1024", 83.97, 84.98, "222M"),
+    # SeMask-Mask2Former FaPN / MSFaPN rows of the SeMask-FAPN README (same commit): the paper's best models
+    "semask-large-mask2former-fapn-ade20k": ReportedResult("640x640", 56.88, 58.25, "227M"),
+    "semask-large-mask2former-msfapn-ade20k": ReportedResult("640x640", 57.00, 58.25, "224M"),
 }
 # The preset settings a config must share to carry that preset's reported numbers (encoder, then Mask2Former).
 PRESET_ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "semantic_attention", "id2label")
-MASK2FORMER_ARCHITECTURE_KEYS = ("feature_size", "hidden_dim", "num_queries", "encoder_layers", "decoder_layers")
+MASK2FORMER_ARCHITECTURE_KEYS = (
+    "pixel_decoder",
+    "feature_size",
+    "hidden_dim",
+    "num_queries",
+    "encoder_layers",
+    "decoder_layers",
+)
 
 
 def write_model_card(

@@ -428,7 +428,13 @@ MASK2FORMER_PROCESSING = {
         "resize_library": "pil",
     },
 }
-MASK2FORMER_PRESET_NAMES = tuple(f"semask-large-mask2former-{dataset}" for dataset in MASK2FORMER_SEMANTIC_WINDOW)
+# The released FaPN / MSFaPN models (ADE20K only): the ADE20K SeMask-Mask2Former config with another pixel decoder
+# (`SeMask-FAPN/SeMask-Mask2Former/configs/ade20k/semantic-segmentation/semask_swin/{fapn,msfapn}_*`).
+MASK2FORMER_PIXEL_DECODERS = {"": "msdeformattn", "fapn-": "fapn", "msfapn-": "msfapn"}
+MASK2FORMER_PRESET_NAMES = tuple(f"semask-large-mask2former-{dataset}" for dataset in MASK2FORMER_SEMANTIC_WINDOW) + (
+    "semask-large-mask2former-fapn-ade20k",
+    "semask-large-mask2former-msfapn-ade20k",
+)
 
 
 def mask2former_preset_dataset(name: str) -> str:
@@ -441,12 +447,15 @@ def mask2former_preset_dataset(name: str) -> str:
 
 
 def mask2former_preset(name: str) -> dict:
-    """Keyword arguments of `SemaskMask2FormerConfig` for a released model, e.g. ``"semask-large-mask2former-ade20k"``.
+    """Keyword arguments of `SemaskMask2FormerConfig` for a released model, e.g. ``"semask-large-mask2former-ade20k"``
+    or ``"semask-large-mask2former-msfapn-ade20k"``.
 
     The Mask2Former settings are `Mask2FormerConfig`'s defaults, which equal the original configs (256 channels,
-    100 queries, 6 deformable encoder layers with a 1024-wide FFN, DEC_LAYERS 10, loss weights 2 / 5 / 5).
+    100 queries, 6 deformable encoder layers with a 1024-wide FFN, DEC_LAYERS 10, loss weights 2 / 5 / 5); the FaPN /
+    MSFaPN models differ only in their pixel decoder.
     """
     dataset = mask2former_preset_dataset(name)
+    decoder_part = name.removeprefix("semask-large-mask2former-").removesuffix(dataset)
     swin = SWIN_SIZES["large"]
     id2label = dict(enumerate(DATASET_LABELS[dataset]))
     backbone = {
@@ -456,4 +465,8 @@ def mask2former_preset(name: str) -> dict:
         "drop_path_rate": 0.3,
         "id2label": id2label,
     }
-    return {"backbone_config": backbone, "id2label": id2label}
+    return {
+        "backbone_config": backbone,
+        "id2label": id2label,
+        "pixel_decoder": MASK2FORMER_PIXEL_DECODERS[decoder_part],
+    }

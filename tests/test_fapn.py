@@ -15,6 +15,7 @@ from conftest import mask2former_fixture_dir, tiny_mask2former_config_kwargs, tr
 from semask import SemaskImageProcessor, SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation
 from semask.conversion import CheckpointMismatchError, convert_original_checkpoint, load_original_state_dict
 from semask.conversion.mask2former import convert_fapn_decoder_state_dict, convert_state_dict, original_pixel_decoder
+from semask.modelcard import ORIGINAL_RESULTS, preset_mismatches
 from semask.modeling_semask_fapn import (
     SemaskFaPNLevel,
     SemaskFaPNPixelDecoder,
@@ -257,3 +258,16 @@ def test_original_msfapn_checkpoint_is_detected_and_converted():
     torch.testing.assert_close(decoder.levels[0].offset.weight, original[prefix + "align_1.offset.weight"])
     torch.testing.assert_close(decoder.fpn_mask_projection.weight, original[prefix + "mask_features.weight"])
     torch.testing.assert_close(decoder.levels[0].output.weight, original[prefix + "layer_1.weight"])
+
+
+def test_fapn_presets_carry_the_papers_numbers_and_their_pixel_decoder():
+    for name, decoder, single_scale in (
+        ("semask-large-mask2former-fapn-ade20k", "fapn", 56.88),
+        ("semask-large-mask2former-msfapn-ade20k", "msfapn", 57.00),
+    ):
+        config = SemaskMask2FormerConfig.from_preset(name)
+        assert config.pixel_decoder == decoder and config.num_labels == 150
+        assert ORIGINAL_RESULTS[name].mean_iou == single_scale and ORIGINAL_RESULTS[name].ms_flip_mean_iou == 58.25
+        assert preset_mismatches(config, name) == []
+        other = SemaskMask2FormerConfig.from_preset("semask-large-mask2former-ade20k")
+        assert preset_mismatches(other, name) == ["pixel_decoder"]  # the ADE20K Mask2Former card would be wrong
