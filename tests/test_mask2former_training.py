@@ -261,3 +261,26 @@ def test_demo_training_through_the_script(tmp_path, capsys):
         )
         metric.update(scores.argmax(1), batch["labels"])
     assert metric.compute()["mean_iou"] == pytest.approx(metrics["eval_mean_iou"], abs=1e-6)
+
+
+@pytest.mark.parametrize("pixel_decoder", ["fapn", "msfapn"])
+def test_the_script_trains_the_fapn_decoders(tmp_path, pixel_decoder):
+    output_dir = tmp_path / "run"
+    data = "--dataset_name demo --demo_train_size 16 --demo_validation_size 4 --demo_image_size 64 --image_scale 256 64"
+    schedule = "--num_train_epochs 6 --eval_strategy no --logging_steps 2 --per_device_train_batch_size 4"
+    model = ["--model_type", MASK2FORMER, "--pixel_decoder", pixel_decoder, "--output_dir", str(output_dir)]
+    load_script("train_semask").main(data.split() + schedule.split() + model)
+    log_history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert json.loads((output_dir / "config.json").read_text())["pixel_decoder"] == pixel_decoder
+
+
+def test_pixel_decoder_option_is_refused_where_it_does_not_apply():
+    labels = {0: "a", 1: "b"}
+    with pytest.raises(ValueError, match="applies to SeMask-Mask2Former"):
+        initialise_model(ModelArguments(preset="tiny", pixel_decoder="fapn"), labels)
+    with pytest.raises(ValueError, match="contradicts the preset semask-large-mask2former-ade20k"):
+        initialise_model(ModelArguments(preset="semask-large-mask2former-ade20k", pixel_decoder="fapn"), labels)
+    with pytest.raises(ValueError, match="--pixel_decoder must be one of"):
+        ModelArguments(preset="tiny", model_type=MASK2FORMER, pixel_decoder="fpn")

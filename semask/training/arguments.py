@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from ..configuration_semask import SemaskConfig
-from ..configuration_semask_mask2former import SemaskMask2FormerConfig
+from ..configuration_semask_mask2former import PIXEL_DECODERS, SemaskMask2FormerConfig
 
 MODEL_NAMES = {SemaskConfig.model_type: "SeMask", SemaskMask2FormerConfig.model_type: "SeMask-Mask2Former"}
 """The model kinds the training script trains (`--model_type`), with their display names."""
@@ -40,10 +40,19 @@ class ModelArguments:
         default=None,
         metadata={"help": "Stochastic depth rate (default: the checkpoint's or preset's; 0.3 originally)."},
     )
+    pixel_decoder: str | None = field(
+        default=None,
+        metadata={
+            "help": f"SeMask-Mask2Former's pixel decoder ({', '.join(PIXEL_DECODERS)}) for 'tiny' or a Swin "
+            "checkpoint. Default: the preset's or checkpoint's; msdeformattn otherwise."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.model_type is not None and self.model_type not in MODEL_NAMES:
             raise ValueError(f"--model_type must be one of {', '.join(MODEL_NAMES)}; got {self.model_type!r}.")
+        if self.pixel_decoder is not None and self.pixel_decoder not in PIXEL_DECODERS:
+            raise ValueError(f"--pixel_decoder must be one of {', '.join(PIXEL_DECODERS)}; got {self.pixel_decoder!r}.")
 
 
 @dataclass

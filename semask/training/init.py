@@ -113,24 +113,40 @@ def initialise_model(
         raise ValueError("No model given: pass --model_name_or_path (SeMask or Swin checkpoint) or --preset.")
     model_type = resolve_model_type(args)
     labels = {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
+    if args.pixel_decoder is not None and model_type != SemaskMask2FormerConfig.model_type:
+        raise ValueError("--pixel_decoder applies to SeMask-Mask2Former (--model_type semask_mask2former) only.")
+    decoder = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
     if args.preset:
-        config = preset_config(args.preset, model_type, labels)
+        config = preset_config(args.preset, model_type, labels, **decoder)
         set_drop_path_rate(config, args.drop_path_rate)
         return MODEL_CLASSES[model_type](config), InitialisationReport(
             f"random weights in the {args.preset!r} architecture"
         )
-    if AutoConfig.from_pretrained(args.model_name_or_path).model_type == "swin":
-        return _model_from_swin(args.model_name_or_path, model_type, labels, args.drop_path_rate)
+    checkpoint_config = AutoConfig.from_pretrained(args.model_name_or_path)
+    if checkpoint_config.model_type == "swin":
+        return _model_from_swin(args.model_name_or_path, model_type, labels, args.drop_path_rate, decoder)
+    if decoder and decoder["pixel_decoder"] != checkpoint_config.pixel_decoder:
+        raise ValueError(
+            f"--pixel_decoder {args.pixel_decoder} contradicts the checkpoint {args.model_name_or_path}, whose pixel "
+            f"decoder is {checkpoint_config.pixel_decoder!r}."
+        )
     return _model_from_checkpoint(args.model_name_or_path, model_type, labels, args.drop_path_rate)
 
 
-def preset_config(preset: str, model_type: str, labels: dict[str, dict]) -> PreTrainedConfig:
+def preset_config(preset: str, model_type: str, labels: dict[str, dict], **overrides) -> PreTrainedConfig:
     """The config of `preset` (or of the tiny demo model) for `labels`; the config applies the original
-    semantic-attention rule to this label set."""
+    semantic-attention rule to this label set. A released preset's `pixel_decoder` cannot be overridden."""
     config_class = MODEL_CLASSES[model_type].config_class
     if preset == "tiny":
-        return config_class(**(TINY_CONFIG if config_class is SemaskConfig else TINY_MASK2FORMER_CONFIG), **labels)
-    return config_class.from_preset(preset, **labels)
+        tiny = TINY_CONFIG if config_class is SemaskConfig else TINY_MASK2FORMER_CONFIG
+        return config_class(**tiny, **labels, **overrides)
+    config = config_class.from_preset(preset, **labels)
+    if "pixel_decoder" in overrides and overrides["pixel_decoder"] != config.pixel_decoder:
+        raise ValueError(
+            f"--pixel_decoder {overrides['pixel_decoder']} contradicts the preset {preset}, whose pixel decoder is "
+            f"{config.pixel_decoder!r}."
+        )
+    return config
 
 
 def set_drop_path_rate(config: PreTrainedConfig, drop_path_rate: float | None) -> None:
@@ -140,7 +156,7 @@ def set_drop_path_rate(config: PreTrainedConfig, drop_path_rate: float | None) -
 
 
 def _model_from_swin(
-    path: str, model_type: str, labels: dict[str, dict], drop_path_rate: float | None
+    path: str, model_type: str, labels: dict[str, dict], drop_path_rate: float | None, decoder: dict[str, str]
 ) -> tuple[PreTrainedModel, InitialisationReport]:
     overrides = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
     source = f"the Swin checkpoint {path}"
@@ -151,7 +167,9 @@ def _model_from_swin(
         return model, InitialisationReport(source, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
     swin = load_swin(path)
     # Encoder settings without `semantic_attention`: the config applies the original Mask2Former rule.
-    config = SemaskMask2FormerConfig(backbone_config=swin_encoder_settings(swin.config, **overrides), **labels)
+    config = SemaskMask2FormerConfig(
+        backbone_config=swin_encoder_settings(swin.config, **overrides), **labels, **decoder
+    )
     model = SemaskMask2FormerForUniversalSegmentation(config)
     info = model.get_submodule(MASK2FORMER_ENCODER).load_swin_weights(swin, path)
     fresh = [name for name in model.state_dict() if not name.startswith(f"{MASK2FORMER_ENCODER}.")]
