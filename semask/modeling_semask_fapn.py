@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
+from transformers import Mask2FormerConfig
 from transformers import initialization as init
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder, Mask2FormerPixelDecoderOutput
 
@@ -122,7 +123,7 @@ class SemaskMSFaPNPixelDecoder(Mask2FormerPixelDecoder):
     `mask_features` are its finest output, which the FaPN level refines before `fpn_mask_projection`.
     """
 
-    def __init__(self, config, feature_channels: list[int]):
+    def __init__(self, config: Mask2FormerConfig, feature_channels: list[int]):
         super().__init__(config, feature_channels=feature_channels)
         for index in range(self.num_fpn_levels):  # transformers' plain FPN convs, replaced by FaPN levels
             delattr(self, f"adapter_{index + 1}")
