@@ -9,12 +9,14 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForInstanceSegmentation,
     AutoModelForSemanticSegmentation,
     AutoModelForUniversalSegmentation,
 )
 
 from .configuration_semask import SemaskConfig
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
+from .configuration_semask_maskformer import SemaskMaskFormerConfig
 from .image_processing_semask import SemaskImageProcessor
 from .modeling_semask import (
     SemaskBackbone,
@@ -26,6 +28,11 @@ from .modeling_semask_mask2former import (
     SemaskMask2FormerForUniversalSegmentation,
     SemaskMask2FormerModel,
     SemaskMask2FormerPreTrainedModel,
+)
+from .modeling_semask_maskformer import (
+    SemaskMaskFormerForInstanceSegmentation,
+    SemaskMaskFormerModel,
+    SemaskMaskFormerPreTrainedModel,
 )
 
 # config class -> {model class: the Auto classes that load it (the first one is saved with the model's code)}
@@ -42,6 +49,10 @@ AUTO_CLASSES = {
             AutoModelForUniversalSegmentation,
             AutoModelForSemanticSegmentation,
         ],
+    },
+    SemaskMaskFormerConfig: {
+        SemaskMaskFormerModel: [AutoModel],
+        SemaskMaskFormerForInstanceSegmentation: [AutoModelForInstanceSegmentation, AutoModelForSemanticSegmentation],
     },
 }
 
@@ -64,6 +75,10 @@ __all__ = [
     "SemaskMask2FormerForUniversalSegmentation",
     "SemaskMask2FormerModel",
     "SemaskMask2FormerPreTrainedModel",
+    "SemaskMaskFormerConfig",
+    "SemaskMaskFormerForInstanceSegmentation",
+    "SemaskMaskFormerModel",
+    "SemaskMaskFormerPreTrainedModel",
     "SemaskModel",
     "SemaskPreTrainedModel",
 ]

@@ -29,8 +29,8 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
         backbone_config (`SemaskConfig` or `dict`, *optional*):
             The SeMask-Swin encoder. Its label set is always this config's (the semantic layers predict the same
             classes as the decoder); without one, a default SeMask-T. Where it leaves `semantic_attention` unset (or
-            is a `dict` without it), the original Mask2Former rule sets it from this config's label count
-            (`semask.presets.mask2former_semantic_attention`).
+            is a `dict` without it), the original rule sets it from this config's label count and pixel decoder
+            (`semask.presets.mask2former_semantic_attention`: SeMask-Mask2Former's and SeMask-FaPN's differ).
         semantic_loss_weight (`float`, *optional*, defaults to 0.4):
             Weight of the semantic head's cross-entropy (the original CATE_WEIGHT), added to the Mask2Former losses.
         size_divisibility (`int`, *optional*, defaults to 32):
@@ -87,7 +87,7 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
         self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
         if apply_rule:
             self.backbone_config.semantic_attention = mask2former_semantic_attention(
-                self.num_labels, self.backbone_config.num_layers
+                self.num_labels, self.backbone_config.num_layers, self.pixel_decoder
             )
 
     @property

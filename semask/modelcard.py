@@ -15,11 +15,19 @@ from transformers import PreTrainedConfig
 
 from .configuration_semask import SemaskConfig, settings_equal
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
+from .configuration_semask_maskformer import SemaskMaskFormerConfig
 from .image_processing_semask import SemaskImageProcessor
 from .inference import MS_FLIP_SCALES
 from .modeling_semask import SemaskForSemanticSegmentation
 from .modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
-from .presets import MASK2FORMER_PRESET_NAMES, MASK2FORMER_PROCESSING, PRESET_NAMES, SWIN_SIZES
+from .modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentation
+from .presets import (
+    MASK2FORMER_PRESET_NAMES,
+    MASK2FORMER_PROCESSING,
+    MASKFORMER_PRESET_NAMES,
+    PRESET_NAMES,
+    SWIN_SIZES,
+)
 
 PAPER_URL = "https://arxiv.org/abs/2112.12782"
 ORIGINAL_REPO_URL = "https://github.com/Picsart-AI-Research/SeMask-Segmentation"
@@ -78,8 +86,27 @@ ORIGINAL_RESULTS = {
     # SeMask-Mask2Former FaPN / MSFaPN rows of the SeMask-FAPN README (same commit): the paper's best models
     "semask-large-mask2former-fapn-ade20k": ReportedResult("640x640", 56.88, 58.25, "227M"),
     "semask-large-mask2former-msfapn-ade20k": ReportedResult("640x640", 57.00, 58.25, "224M"),
+    # SeMask-MaskFormer row of the SeMask-MaskFormer README (same commit)
+    "semask-large-maskformer-ade20k": ReportedResult("640x640", 54.75, 56.15, "219M"),
 }
-# The preset settings a config must share to carry that preset's reported numbers (encoder, then Mask2Former).
+# model kind -> (its name, config class, model class, presets)
+MODEL_KINDS = {
+    "fpn": ("SeMask-FPN", SemaskConfig, SemaskForSemanticSegmentation, PRESET_NAMES),
+    "mask2former": (
+        "SeMask-Mask2Former",
+        SemaskMask2FormerConfig,
+        SemaskMask2FormerForUniversalSegmentation,
+        MASK2FORMER_PRESET_NAMES,
+    ),
+    "maskformer": (
+        "SeMask-MaskFormer",
+        SemaskMaskFormerConfig,
+        SemaskMaskFormerForInstanceSegmentation,
+        MASKFORMER_PRESET_NAMES,
+    ),
+}
+# The preset settings a config must share to carry that preset's reported numbers (encoder, Mask2Former, MaskFormer
+# and its decoder).
 PRESET_ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "semantic_attention", "id2label")
 MASK2FORMER_ARCHITECTURE_KEYS = (
     "pixel_decoder",
@@ -89,6 +116,8 @@ MASK2FORMER_ARCHITECTURE_KEYS = (
     "encoder_layers",
     "decoder_layers",
 )
+MASKFORMER_ARCHITECTURE_KEYS = ("fpn_feature_size", "mask_feature_size")
+MASKFORMER_DECODER_ARCHITECTURE_KEYS = ("d_model", "num_queries", "decoder_layers")
 
 
 def write_model_card(
@@ -161,40 +190,55 @@ def write_model_card(
 def preset_dataset(preset: str) -> str:
     """The dataset key ("ade20k", "cityscapes", "coco-stuff10k") of a released model's preset name."""
     if preset not in ORIGINAL_RESULTS:
-        names = ", ".join(PRESET_NAMES + MASK2FORMER_PRESET_NAMES)
+        names = ", ".join(ORIGINAL_RESULTS)
         raise ValueError(f"Unknown SeMask preset {preset!r}; expected one of: {names}.")
-    return preset.split("-", 3)[3]
+    return next(dataset for dataset in DATASETS if preset.endswith(f"-{dataset}"))
 
 
-def is_mask2former(config: PreTrainedConfig) -> bool:
-    """Whether `config` describes SeMask-Mask2Former (otherwise SeMask-FPN)."""
-    return isinstance(config, SemaskMask2FormerConfig)
+def model_kind(config: PreTrainedConfig) -> str:
+    """The `MODEL_KINDS` key of the model `config` describes: "fpn", "mask2former" or "maskformer"."""
+    return next(
+        kind for kind, (_, config_class, _, _) in reversed(MODEL_KINDS.items()) if isinstance(config, config_class)
+    )
+
+
+def is_mask_classification(config: PreTrainedConfig) -> bool:
+    """Whether `config` describes SeMask-Mask2Former or SeMask-MaskFormer (otherwise SeMask-FPN)."""
+    return model_kind(config) != "fpn"
 
 
 def encoder_config(config: PreTrainedConfig) -> SemaskConfig:
-    """The SeMask-Swin encoder's settings: the config itself (SeMask-FPN) or its `backbone_config` (Mask2Former)."""
-    return config.backbone_config if is_mask2former(config) else config
+    """The SeMask-Swin encoder's settings: the config itself (SeMask-FPN) or its `backbone_config`."""
+    return config.backbone_config if is_mask_classification(config) else config
 
 
 def preset_mismatches(config: PreTrainedConfig, preset: str) -> list[str]:
     """The architecture / label settings in which `config` differs from the released model `preset`."""
-    expected = (SemaskMask2FormerConfig if preset in MASK2FORMER_PRESET_NAMES else SemaskConfig).from_preset(preset)
-    if is_mask2former(config) != is_mask2former(expected):
-        return ["model kind (SeMask-FPN / SeMask-Mask2Former)"]
+    preset_kind = next(kind for kind, (*_, presets) in MODEL_KINDS.items() if preset in presets)
+    expected = MODEL_KINDS[preset_kind][1].from_preset(preset)
+    if model_kind(config) != preset_kind:
+        return [f"model kind ({architecture_name(config)}, not {architecture_name(expected)})"]
     encoder, expected_encoder = encoder_config(config), encoder_config(expected)
     different = [
         key
         for key in PRESET_ARCHITECTURE_KEYS
         if not settings_equal(getattr(encoder, key), getattr(expected_encoder, key))
     ]
-    if is_mask2former(config):
+    if preset_kind == "mask2former":
         different += [key for key in MASK2FORMER_ARCHITECTURE_KEYS if getattr(config, key) != getattr(expected, key)]
+    if preset_kind == "maskformer":
+        different += [key for key in MASKFORMER_ARCHITECTURE_KEYS if getattr(config, key) != getattr(expected, key)]
+        different += [
+            key
+            for key in MASKFORMER_DECODER_ARCHITECTURE_KEYS
+            if getattr(config.decoder_config, key) != getattr(expected.decoder_config, key)
+        ]
     return different
 
 
 def count_parameters(config: PreTrainedConfig) -> int:
     """Parameters of the semask model of `config`, counted on the meta device (no memory, no init)."""
-    model_class = SemaskMask2FormerForUniversalSegmentation if is_mask2former(config) else SemaskForSemanticSegmentation
+    model_class = MODEL_KINDS[model_kind(config)][2]
     with torch.device("meta"):
         model = model_class(config)
     return sum(parameter.numel() for parameter in model.parameters())
@@ -210,8 +254,8 @@ def swin_size_name(config: PreTrainedConfig) -> str:
 
 
 def architecture_name(config: PreTrainedConfig) -> str:
-    """ "SeMask-Mask2Former" or "SeMask-FPN"."""
-    return "SeMask-Mask2Former" if is_mask2former(config) else "SeMask-FPN"
+    """ "SeMask-FPN", "SeMask-Mask2Former" or "SeMask-MaskFormer"."""
+    return MODEL_KINDS[model_kind(config)][0]
 
 
 def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
@@ -223,7 +267,19 @@ def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
             zip(encoder.depths, encoder.num_heads, encoder.num_semantic_blocks, encoder.semantic_attention)
         )
     ]
-    if is_mask2former(config):
+    if model_kind(config) == "maskformer":
+        detr = config.decoder_config
+        heads = (
+            "transformers' MaskFormer FPN pixel decoder and DETR transformer decoder, with a parameter-free semantic "
+            "head on the prior maps"
+        )
+        decoder = [
+            f"- Pixel decoder: FPN, {config.fpn_feature_size} channels, mask features {config.mask_feature_size}",
+            f"- Transformer decoder: {detr.num_queries} queries, {detr.decoder_layers} DETR layers of width "
+            f"{detr.d_model} ({detr.decoder_attention_heads} heads, FFN {detr.decoder_ffn_dim}) on the last stage; "
+            f"semantic loss weight {config.semantic_loss_weight:g}",
+        ]
+    elif model_kind(config) == "mask2former":
         heads = (
             "transformers' Mask2Former pixel decoder and masked-attention transformer decoder, with a "
             "parameter-free semantic head on the prior maps"
@@ -289,8 +345,8 @@ def describe_evaluation_protocol(processor: SemaskImageProcessor, config: PreTra
         else "Ground-truth labels are used as they are (no label reduction); 255 is ignored."
     )
     scales = ", ".join(f"{scale:g}" for scale in MS_FLIP_SCALES)
-    if config is not None and is_mask2former(config):
-        origin = "SeMask-Mask2Former test pipeline (detectron2)"
+    if config is not None and is_mask_classification(config):
+        origin = f"{architecture_name(config)} test pipeline (detectron2)"
         segment = (
             f"The model pads the image to a multiple of {config.size_divisibility} and predicts class-scored masks; "
             "the semantic inference (class probabilities without no-object times mask sigmoids, masks upsampled "
@@ -486,7 +542,7 @@ def _saved_or_default_processor(
 ) -> SemaskImageProcessor:
     if (save_directory / "preprocessor_config.json").is_file():
         return SemaskImageProcessor.from_pretrained(save_directory)
-    if is_mask2former(config):
+    if is_mask_classification(config):
         return SemaskImageProcessor(**MASK2FORMER_PROCESSING[dataset_key or "ade20k"])
     return SemaskImageProcessor.from_dataset(dataset_key) if dataset_key else SemaskImageProcessor()
 

@@ -403,15 +403,29 @@ def fpn_preset(name: str) -> dict:
 PRESET_NAMES = tuple(f"semask-{size}-fpn-{dataset}" for dataset in DATASET_LABELS for size in SWIN_SIZES)
 
 
-def mask2former_semantic_attention(num_labels: int, num_stages: int = 4) -> tuple[str, ...]:
-    """The original SeMask-Mask2Former rule for each stage's semantic attention kind.
+# How many leading stages have windowed semantic attention (the rest global) in each original detectron2 codebase,
+# whatever the class count (`BasicLayer`'s `i in [...]` test); SeMask-Mask2Former's own copy instead makes only the
+# last stage global with exactly 150 classes and every stage windowed otherwise.
+WINDOWED_STAGES = {"maskformer": 3, "fapn": 2, "msfapn": 2}
 
-    With exactly 150 classes (ADE20K) only the last stage is global; with any other class count every stage is
-    windowed.
-    """
-    if num_labels == 150:
-        return ("windowed",) * (num_stages - 1) + ("global",)
-    return ("windowed",) * num_stages
+
+def mask2former_semantic_attention(
+    num_labels: int, num_stages: int = 4, pixel_decoder: str = "msdeformattn"
+) -> tuple[str, ...]:
+    """The original rule for each stage's semantic attention kind in SeMask-Mask2Former (`pixel_decoder`
+    "msdeformattn": with exactly 150 classes only the last stage is global, otherwise every stage is windowed) and in
+    SeMask-FaPN ("fapn" / "msfapn": the first two stages windowed, the rest global, for any class count)."""
+    if pixel_decoder in WINDOWED_STAGES:
+        windowed = WINDOWED_STAGES[pixel_decoder]
+    else:
+        windowed = num_stages - 1 if num_labels == 150 else num_stages
+    return ("windowed",) * windowed + ("global",) * (num_stages - windowed)
+
+
+def maskformer_semantic_attention(num_stages: int = 4) -> tuple[str, ...]:
+    """The original SeMask-MaskFormer rule: the first three stages windowed, the rest global, for any class count."""
+    windowed = WINDOWED_STAGES["maskformer"]
+    return ("windowed",) * windowed + ("global",) * (num_stages - windowed)
 
 
 # The released SeMask-Mask2Former models (Swin-L, ImageNet-22k 384 pre-training): their original configs
@@ -470,3 +484,30 @@ def mask2former_preset(name: str) -> dict:
         "id2label": id2label,
         "pixel_decoder": MASK2FORMER_PIXEL_DECODERS[decoder_part],
     }
+
+
+# The released SeMask-MaskFormer model (Swin-L, ImageNet-22k 384 pre-training; `SeMask-MaskFormer/configs/ade20k-150/
+# semask_swin/maskformer_semask_swin_large_IN21k_384_bs16_160k_res640.yaml`), tested with SeMask-Mask2Former's ADE20K
+# pipeline (the same MIN_SIZE_TEST / MAX_SIZE_TEST).
+MASKFORMER_PRESET_NAMES = ("semask-large-maskformer-ade20k",)
+
+
+def maskformer_preset(name: str) -> dict:
+    """Keyword arguments of `SemaskMaskFormerConfig` for the released model ``"semask-large-maskformer-ade20k"``.
+
+    The MaskFormer settings are `SemaskMaskFormerConfig`'s defaults, which equal the original config (256 channels,
+    100 queries, 6 decoder layers with a 2048-wide FFN, loss weights 1 / 20 / 1, semantic loss 0.4).
+    """
+    if name not in MASKFORMER_PRESET_NAMES:
+        raise ValueError(
+            f"Unknown SeMask-MaskFormer preset {name!r}; expected one of: {', '.join(MASKFORMER_PRESET_NAMES)}."
+        )
+    id2label = dict(enumerate(DATASET_LABELS["ade20k"]))
+    backbone = {
+        **SWIN_SIZES["large"],
+        "image_size": 384,
+        "semantic_window_size": 12,
+        "drop_path_rate": 0.3,
+        "id2label": id2label,
+    }
+    return {"backbone_config": backbone, "id2label": id2label}

@@ -8,7 +8,7 @@ import semask.modeling_semask_mask2former as modeling
 from conftest import tiny_mask2former_config_kwargs, train_steps
 from semask import SemaskConfig, SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation
 from semask.inference import class_scores, is_mask_classification, semantic_inference
-from semask.modeling_semask_mask2former import mask_classification_targets, semantic_head
+from semask.modeling_semask_mask_classification import mask_classification_targets, semantic_head
 from semask.presets import ADE20K_LABELS, mask2former_semantic_attention
 
 

@@ -55,7 +55,9 @@ def test_presets_of_the_other_kind_are_refused(original_state_dict, tmp_path, ca
     checkpoint = save_checkpoint(original_state_dict, tmp_path / "mask2former.pth")
     arguments = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "a"), "--preset", "semask-tiny-fpn-ade20k"]
     assert main(arguments) == 1
-    assert "not a SeMask-Mask2Former preset" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "semask-tiny-fpn-ade20k is a SeMask-FPN preset but this is a SeMask-Mask2Former checkpoint" in error
+    assert "(it has sem_seg_head.predictor." in error and not (tmp_path / "a").exists()
     fpn = fpn_fixture_dir("tiny-windowed") / "original_checkpoint.pth"
     arguments = [
         "--checkpoint",
@@ -66,7 +68,9 @@ def test_presets_of_the_other_kind_are_refused(original_state_dict, tmp_path, ca
         "semask-large-mask2former-ade20k",
     ]
     assert main(arguments) == 1
-    assert "is a SeMask-Mask2Former preset but this is a SeMask-FPN checkpoint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is a SeMask-Mask2Former preset but this is a SeMask-FPN checkpoint (it has decode_head." in error
+    assert not (tmp_path / "b").exists()
     with pytest.raises(CheckpointMismatchError, match="embed_dim: given 192, checkpoint 32"):
         config_from_original(original_state_dict, "semask-large-mask2former-ade20k")
 

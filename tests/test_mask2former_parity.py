@@ -10,7 +10,7 @@ from conftest import mask2former_fixture_dir
 from semask import SemaskMask2FormerForUniversalSegmentation
 from semask.conversion import main
 from semask.inference import semantic_inference
-from semask.modeling_semask_mask2former import mask_classification_targets
+from semask.modeling_semask_mask_classification import mask_classification_targets
 
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 NUM_AUX = 4  # DEC_LAYERS 5: the learnable queries' prediction and 4 decoder layers before the final one

@@ -12,7 +12,7 @@ from conftest import fpn_fixture_dir, tiny_config_kwargs
 from semask import SemaskConfig
 from semask.conversion import convert_checkpoint_file
 from semask.modelcard import ORIGINAL_RESULTS, preset_mismatches, write_model_card
-from semask.presets import MASK2FORMER_PRESET_NAMES, PRESET_NAMES
+from semask.presets import MASK2FORMER_PRESET_NAMES, MASKFORMER_PRESET_NAMES, PRESET_NAMES
 
 USAGE_SNIPPETS = (
     "import semask",
@@ -151,7 +151,7 @@ def test_measured_results_are_not_attributed_to_the_original_readme(tmp_path):
 
 
 def test_every_preset_has_reported_numbers():
-    assert set(ORIGINAL_RESULTS) == set(PRESET_NAMES + MASK2FORMER_PRESET_NAMES)
+    assert set(ORIGINAL_RESULTS) == set(PRESET_NAMES + MASK2FORMER_PRESET_NAMES + MASKFORMER_PRESET_NAMES)
     assert ORIGINAL_RESULTS["semask-small-fpn-cityscapes"].ms_flip_mean_iou == 79.14
 
 

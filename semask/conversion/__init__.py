@@ -3,10 +3,12 @@
     python scripts/convert_semask_original_to_hf.py --checkpoint semask_tiny_ade20k.pth --output semask-tiny-ade20k \\
         --preset semask-tiny-fpn-ade20k [--push-to-hub me/semask-tiny-fpn-ade20k [--private]]
 
-SeMask-FPN (mmsegmentation) checkpoints are converted by `semask.conversion.fpn`, SeMask-Mask2Former (detectron2)
-ones, recognised by their `sem_seg_head.*` keys, by `semask.conversion.mask2former`; both build on
-`semask.conversion.common`. The output folder holds the weights, the config, the model code, the image processor of
-the preset's dataset (the original test pipeline) and a model card.
+SeMask-FPN (mmsegmentation) checkpoints are converted by `semask.conversion.fpn`; the detectron2 ones, recognised by
+their `sem_seg_head.*` keys, by `semask.conversion.maskformer` (SeMask-MaskFormer: a DETR decoder) or
+`semask.conversion.mask2former` (SeMask-Mask2Former, with any of its pixel decoders); all build on
+`semask.conversion.common`. A preset of another kind than the checkpoint is refused (`check_preset_kind`).
+The output folder holds the weights, the config, the model code, the image processor of the preset's dataset (the
+original test pipeline) and a model card.
 """
 
 import argparse
@@ -24,17 +26,24 @@ from transformers import AutoModelForSemanticSegmentation, PreTrainedModel
 from ..image_processing_semask import SemaskImageProcessor
 from ..label_files import LabelsFileError, read_labels_file
 from ..modelcard import preset_mismatches, write_model_card
-from ..presets import MASK2FORMER_PRESET_NAMES, PRESET_NAMES
+from ..presets import MASK2FORMER_PRESET_NAMES, MASKFORMER_PRESET_NAMES, PRESET_NAMES
 from .common import (
     CheckpointMismatchError,
     ConversionError,
     check_finite,
-    is_mask2former_state_dict,
     load_original_state_dict,
     original_test_processor,
 )
 from .fpn import convert_fpn_checkpoint
-from .mask2former import convert_mask2former_checkpoint
+from .mask2former import FAPN_DETECTION_KEY, convert_mask2former_checkpoint, original_pixel_decoder
+from .maskformer import MASKFORMER_DETECTION_KEY, convert_maskformer_checkpoint
+
+# model kind -> (its name, its presets, its converter)
+MODEL_KINDS = {
+    "fpn": ("SeMask-FPN", PRESET_NAMES, convert_fpn_checkpoint),
+    "mask2former": ("SeMask-Mask2Former", MASK2FORMER_PRESET_NAMES, convert_mask2former_checkpoint),
+    "maskformer": ("SeMask-MaskFormer", MASKFORMER_PRESET_NAMES, convert_maskformer_checkpoint),
+}
 
 __all__ = [
     "CheckpointMismatchError",
@@ -67,8 +76,40 @@ def convert_original_checkpoint(
         `ConversionError` for non-finite weights; `CheckpointMismatchError` for settings or keys that do not fit.
     """
     check_finite(state_dict)
-    convert = convert_mask2former_checkpoint if is_mask2former_state_dict(state_dict) else convert_fpn_checkpoint
-    return convert(state_dict, preset, **overrides)
+    kind = original_model_kind(state_dict)
+    if preset is not None:
+        check_preset_kind(state_dict, kind, preset)
+    return MODEL_KINDS[kind][2](state_dict, preset, **overrides)
+
+
+def original_model_kind(state_dict: dict[str, torch.Tensor]) -> str:
+    """The kind of an original state dict: "fpn" (mmsegmentation), "maskformer" (detectron2, a DETR decoder) or
+    "mask2former" (detectron2, any other `sem_seg_head.*`)."""
+    if not any(key.startswith("sem_seg_head.") for key in state_dict):
+        return "fpn"
+    return "maskformer" if MASKFORMER_DETECTION_KEY in state_dict else "mask2former"
+
+
+def check_preset_kind(state_dict: dict[str, torch.Tensor], kind: str, preset: str) -> None:
+    """Raise `CheckpointMismatchError` when `preset` is not one of the checkpoint kind's presets, naming the
+    checkpoint keys that tell its kind."""
+    name, presets, _ = MODEL_KINDS[kind]
+    if preset in presets:
+        return
+    preset_name = next(kind_name for kind_name, names, _ in MODEL_KINDS.values() if preset in names)
+    if kind == "fpn":
+        evidence = [key for key in state_dict if key.startswith("decode_head.")][:1] or ["no `sem_seg_head.*` keys"]
+    elif kind == "maskformer":
+        evidence = [MASKFORMER_DETECTION_KEY]
+    elif original_pixel_decoder(state_dict) != "msdeformattn":
+        name += f" ({original_pixel_decoder(state_dict)} pixel decoder)"
+        evidence = [FAPN_DETECTION_KEY]
+    else:
+        evidence = [key for key in state_dict if key.startswith("sem_seg_head.predictor.")][:1]
+    raise CheckpointMismatchError(
+        f"{preset} is a {preset_name} preset but this is a {name} checkpoint (it has {', '.join(evidence)}); use "
+        f"one of: {', '.join(presets) or 'no preset'}."
+    )
 
 
 def convert_checkpoint_file(
@@ -147,17 +188,18 @@ def push_converted_folder(folder: str | Path, repo_id: str, private: bool = Fals
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The `semask-convert` arguments (`argv`, default: the command line's)."""
     parser = argparse.ArgumentParser(
-        description="Convert an original SeMask-FPN or SeMask-Mask2Former checkpoint to a semask model folder."
+        description="Convert an original SeMask-FPN, SeMask-MaskFormer or SeMask-Mask2Former checkpoint to a semask "
+        "model folder."
     )
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="original checkpoint (.pth): mmsegmentation (FPN) or detectron2 (Mask2Former)",
+        help="original checkpoint (.pth): mmsegmentation (FPN) or detectron2 (MaskFormer, Mask2Former)",
     )
     parser.add_argument("--output", required=True, help="new folder for the converted model")
     parser.add_argument(
         "--preset",
-        choices=PRESET_NAMES + MASK2FORMER_PRESET_NAMES,
+        choices=PRESET_NAMES + MASK2FORMER_PRESET_NAMES + MASKFORMER_PRESET_NAMES,
         help="released model: label names and semantic settings",
     )
     parser.add_argument(
@@ -168,6 +210,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--semantic-window-size",
         type=int,
         help="semantic attention window (default: the Swin window for FPN, 7 for Mask2Former, as the originals)",
+    )
+    parser.add_argument(
+        "--decoder-attention-heads",
+        type=int,
+        help="SeMask-MaskFormer's transformer decoder heads, which its weights do not fix (default 8, the original's)",
     )
     parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
@@ -185,6 +232,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         overrides["semantic_attention"] = args.semantic_attention.split(",")
     if args.semantic_window_size:
         overrides["semantic_window_size"] = args.semantic_window_size
+    if args.decoder_attention_heads:
+        overrides["decoder_attention_heads"] = args.decoder_attention_heads
     if args.labels:
         overrides["id2label"] = read_labels_file(args.labels)
     return overrides

@@ -11,10 +11,9 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..configuration_semask import settings_equal
-from ..configuration_semask_mask2former import SemaskMask2FormerConfig
 from ..image_processing_semask import SemaskImageProcessor
-from ..modelcard import preset_dataset
-from ..presets import MASK2FORMER_PROCESSING, mask2former_preset_dataset
+from ..modelcard import is_mask_classification, preset_dataset
+from ..presets import MASK2FORMER_PROCESSING
 
 Model = TypeVar("Model", bound=PreTrainedModel)
 # (original key pattern, semask key template), applied in order to every key.
@@ -108,11 +107,6 @@ def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
     if bad:
         names = ", ".join(bad[:LISTED_KEYS]) + (", ..." if len(bad) > LISTED_KEYS else "")
         raise ConversionError(f"The checkpoint has NaN or infinite weights in {len(bad)} tensor(s): {names}")
-
-
-def is_mask2former_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether an original state dict is a SeMask-Mask2Former (detectron2) one rather than a SeMask-FPN one."""
-    return any(key.startswith("sem_seg_head.") for key in state_dict)
 
 
 def require_key(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -270,12 +264,11 @@ def original_test_processor(config: PreTrainedConfig, preset: str | None) -> Sem
 
     Args:
         config (`PreTrainedConfig`):
-            A `SemaskConfig` (SeMask-FPN) or `SemaskMask2FormerConfig`.
+            A `SemaskConfig` (SeMask-FPN), `SemaskMask2FormerConfig` or `SemaskMaskFormerConfig`.
         preset (`str`, *optional*):
             The released model's preset, whose dataset fixes the pipeline.
     """
-    if isinstance(config, SemaskMask2FormerConfig):
-        return SemaskImageProcessor(
-            **MASK2FORMER_PROCESSING[mask2former_preset_dataset(preset) if preset else "ade20k"]
-        )
-    return SemaskImageProcessor.from_dataset(preset_dataset(preset)) if preset else SemaskImageProcessor()
+    dataset = preset_dataset(preset) if preset else None
+    if is_mask_classification(config):
+        return SemaskImageProcessor(**MASK2FORMER_PROCESSING[dataset or "ade20k"])
+    return SemaskImageProcessor.from_dataset(dataset) if dataset else SemaskImageProcessor()

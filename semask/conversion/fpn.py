@@ -10,10 +10,9 @@ import torch
 
 from ..configuration_semask import SemaskConfig
 from ..modeling_semask import SemaskForSemanticSegmentation
-from ..presets import MASK2FORMER_PRESET_NAMES, fpn_preset
+from ..presets import fpn_preset
 from .common import (
     ENCODER_KEY_PREFIX,
-    CheckpointMismatchError,
     KeyRenames,
     check_label_count,
     convert_encoder_state_dict,
@@ -54,12 +53,10 @@ def config_from_original(state_dict: dict[str, torch.Tensor], preset: str | None
             `SemaskConfig` arguments over the preset's, e.g. `id2label` or `semantic_attention`.
 
     Raises:
-        `CheckpointMismatchError`: a Mask2Former preset, or a preset or override that contradicts the weights.
+        `CheckpointMismatchError`: a preset or override that contradicts the weights.
     """
     inferred = infer_config_kwargs(state_dict)
     num_labels = inferred.pop("num_labels")
-    if preset in MASK2FORMER_PRESET_NAMES:
-        raise CheckpointMismatchError(f"{preset} is a SeMask-Mask2Former preset but this is a SeMask-FPN checkpoint.")
     chosen = {**(fpn_preset(preset) if preset else {}), **overrides}
     raise_on_contradictions(chosen, inferred, num_labels)
     return SemaskConfig(

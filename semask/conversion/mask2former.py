@@ -19,7 +19,7 @@ import torch
 from ..configuration_semask import SemaskConfig
 from ..configuration_semask_mask2former import SemaskMask2FormerConfig
 from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
-from ..presets import MASK2FORMER_PRESET_NAMES, mask2former_preset
+from ..presets import mask2former_preset
 from .common import (
     ENCODER_KEY_PREFIX,
     CheckpointMismatchError,
@@ -214,13 +214,8 @@ def config_from_original(
             go to the encoder.
 
     Raises:
-        `CheckpointMismatchError`: a preset of another kind, or a preset or override that contradicts the weights.
+        `CheckpointMismatchError`: a preset or override that contradicts the weights.
     """
-    if preset is not None and preset not in MASK2FORMER_PRESET_NAMES:
-        raise CheckpointMismatchError(
-            f"{preset} is not a SeMask-Mask2Former preset, but this is a SeMask-Mask2Former checkpoint; use one of "
-            f"{', '.join(MASK2FORMER_PRESET_NAMES)}."
-        )
     head = infer_head_kwargs(state_dict)
     num_labels = head.pop("num_labels")
     check_label_count(state_dict, num_labels, "class predictor")
