@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Fine-tune SeMask or SeMask-Mask2Former on a segmentation dataset with transformers' Trainer and the original
-training recipes.
+"""Fine-tune SeMask, SeMask-Mask2Former or SeMask-MaskFormer on a segmentation dataset with transformers' Trainer
+and the original training recipes.
 
     python scripts/train_semask.py --dataset_name demo --output_dir semask-demo      # CPU demo, a few minutes
     python scripts/train_semask.py --dataset_name demo --model_type semask_mask2former --output_dir m2f-demo
@@ -10,12 +10,13 @@ training recipes.
 
 Arguments: `semask.training.ModelArguments` and `RecipeArguments`, `semask.data.DatasetArguments` and
 `transformers.TrainingArguments` (`--help` lists them all). Unless given on the command line, the original
-recipe's settings apply: SeMask-FPN's (lr 1e-4, weight decay 1e-4, 1500 warm-up steps) or, for SeMask-Mask2Former
-(`--model_type semask_mask2former`, a Mask2Former preset or checkpoint), Mask2Former's (`MASK2FORMER_DEFAULTS` and
-its test-time resize for ADE20K / Cityscapes). `--dataset_name demo` also selects demo-sized settings
-(`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets the model, its image
-processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay PNGs of a few validation
-predictions (`predictions/`).
+recipe's settings apply: SeMask-FPN's (lr 1e-4, weight decay 1e-4, 1500 warm-up steps); for SeMask-Mask2Former
+(`--model_type semask_mask2former`, a Mask2Former preset or checkpoint) Mask2Former's (`MASK2FORMER_DEFAULTS` and
+its test-time resize for ADE20K / Cityscapes); for SeMask-MaskFormer (`--model_type semask_maskformer`) the released
+SeMask-L MaskFormer config's (`MASKFORMER_DEFAULTS`, the same test-time resize). `--dataset_name demo` also selects
+demo-sized settings (`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets the model,
+its image processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay PNGs of a few
+validation predictions (`predictions/`).
 """
 
 import json
@@ -29,7 +30,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from semask import SemaskMask2FormerConfig  # importing semask registers it with the Auto classes
+import semask  # noqa: F401  (importing semask registers its models with the Auto classes)
 from semask.cli import overlay_image
 from semask.data import (
     DatasetArguments,
@@ -39,7 +40,7 @@ from semask.data import (
     validate_segmentation_data,
 )
 from semask.image_processing_semask import SemaskImageProcessor, upright_rgb
-from semask.inference import predict_probabilities
+from semask.inference import is_mask_classification, predict_probabilities
 from semask.label_files import LabelsFileError
 from semask.metrics import compute_metrics_for_trainer
 from semask.modelcard import write_model_card
@@ -82,6 +83,18 @@ MASK2FORMER_DEFAULTS = {
     "cat_max_ratio": 1.0,
     "pad_pixel_value": 128,
 }
+# The released SeMask-L MaskFormer config (`maskformer_semask_swin_large_IN21k_384_bs16_160k_res640.yaml` over
+# MaskFormer's ADE20K base config): AdamW at 6e-5 with weight decay 0.01 (none on norms and embeddings), the encoder
+# at the full rate, 1500 linear warm-up steps from 1e-6, poly decay (power 0.9), full-model gradient clipping at 0.01.
+MASKFORMER_DEFAULTS = {
+    **MASK2FORMER_DEFAULTS,
+    "learning_rate": 6e-5,
+    "weight_decay": 0.01,
+    "backbone_lr_multiplier": 1.0,
+    "warmup_steps": 1500,
+}
+# The recipe defaults of each mask classification model kind.
+MASK_CLASSIFICATION_DEFAULTS = {"semask_mask2former": MASK2FORMER_DEFAULTS, "semask_maskformer": MASKFORMER_DEFAULTS}
 # `--dataset_name demo`: a tiny model trained for a few minutes on the CPU (where no GPU is available).
 DEMO_PRESET = "tiny"
 DEMO_DEFAULTS = {
@@ -97,8 +110,9 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "use_cpu": not torch.cuda.is_available(),
 }
-# The demo's SeMask-Mask2Former keeps Mask2Former's weight decay and schedule (over DEMO_DEFAULTS' ones); its randomly
-# initialised encoder learns at the full rate, and the rate is higher (it learns the demo more slowly than SeMask-FPN).
+# The demo's SeMask-Mask2Former (and SeMask-MaskFormer) keeps Mask2Former's weight decay and schedule (over
+# DEMO_DEFAULTS' ones); its randomly initialised encoder learns at the full rate, and the rate is higher (it learns the
+# demo more slowly than SeMask-FPN).
 MASK2FORMER_DEMO_DEFAULTS = {
     "learning_rate": 2e-3,
     "weight_decay": 0.05,
@@ -124,8 +138,8 @@ def as_arguments(name: str, value) -> list[str]:
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, RecipeArguments, TrainingArguments]:
-    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS`, `MASK2FORMER_DEFAULTS` for
-    SeMask-Mask2Former, and `DEMO_DEFAULTS` / `MASK2FORMER_DEMO_DEFAULTS` for the demo data."""
+    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS`, `MASK_CLASSIFICATION_DEFAULTS` for
+    SeMask-Mask2Former and SeMask-MaskFormer, and `DEMO_DEFAULTS` / `MASK2FORMER_DEMO_DEFAULTS` for the demo data."""
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     given = explicit_options(argv)
     if "help" in given or "-h" in argv:
@@ -139,12 +153,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, 
         argv = [*argv, "--preset", DEMO_PRESET]
     model_parser = HfArgumentParser(ModelArguments, allow_abbrev=False)
     model_args = model_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
-    mask2former = resolve_model_type(model_args) == SemaskMask2FormerConfig.model_type
+    model_type = resolve_model_type(model_args)
+    mask_classification = model_type in MASK_CLASSIFICATION_DEFAULTS
     defaults = {
         **RECIPE_DEFAULTS,
-        **(MASK2FORMER_DEFAULTS if mask2former else {}),
+        **MASK_CLASSIFICATION_DEFAULTS.get(model_type, {}),
         **(DEMO_DEFAULTS if demo else {}),
-        **(MASK2FORMER_DEMO_DEFAULTS if demo and mask2former else {}),
+        **(MASK2FORMER_DEMO_DEFAULTS if demo and mask_classification else {}),
     }
     for name, value in defaults.items():
         if name not in given:
@@ -152,7 +167,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, 
     model_args, data_args, recipe, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
-    check_recipe(recipe, mask_classification=mask2former)
+    check_recipe(recipe, mask_classification=mask_classification)
     # Required by the data pipeline (the "image"/"label" columns feed set_transform) and the streaming metric.
     training_args.remove_unused_columns = False
     training_args.batch_eval_metrics = True
@@ -160,11 +175,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, 
 
 
 def build_image_processor(
-    preset: str | None, reduce_labels: bool, recipe: RecipeArguments, mask2former: bool = False
+    preset: str | None, reduce_labels: bool, recipe: RecipeArguments, mask_classification: bool = False
 ) -> SemaskImageProcessor:
-    """The test-time processor for the data: the dataset preset's pipeline (SeMask-Mask2Former's where it has one,
-    else SeMask-FPN's) or the default one, the recipe's scale and the data's label convention."""
-    settings = dict((mask2former and MASK2FORMER_PROCESSING.get(preset)) or DATASET_PROCESSING.get(preset, {}))
+    """The test-time processor for the data: the dataset preset's pipeline (the detectron2 one of SeMask-Mask2Former
+    and SeMask-MaskFormer where it has one, else SeMask-FPN's) or the default one, the recipe's scale and the data's
+    label convention."""
+    settings = dict((mask_classification and MASK2FORMER_PROCESSING.get(preset)) or DATASET_PROCESSING.get(preset, {}))
     if recipe.image_scale:
         settings["size"] = {"longest_edge": recipe.image_scale[0], "shortest_edge": recipe.image_scale[1]}
     return SemaskImageProcessor(**{**settings, "do_reduce_labels": reduce_labels})
@@ -270,8 +286,7 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
     data = load_segmentation_data(data_args)
     validate_segmentation_data(data, data_args.label_check_samples, seed=training_args.seed)
     model, report = initialise_model(model_args, data.id2label)
-    mask2former = isinstance(model.config, SemaskMask2FormerConfig)
-    processor = build_image_processor(data.preset, data.reduce_labels, recipe, mask2former)
+    processor = build_image_processor(data.preset, data.reduce_labels, recipe, is_mask_classification(model))
     logger.info("%s", report)
 
     trainer = SemaskTrainer(

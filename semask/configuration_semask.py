@@ -217,4 +217,72 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
         return cls(**{**fpn_preset(name), **overrides})
 
 
+class SemaskEncoderConfigMixin:
+    """What the configs of models on a SeMask-Swin encoder (`backbone_config`, a `SemaskConfig`) share: the encoder
+    built from a `dict` or by default, the original semantic-attention rule of the variant (`semantic_attention_rule`)
+    where the encoder leaves it unset, one label set for encoder and decoder, the checks of both, and presets whose
+    `backbone_config` overrides merge into the preset's encoder settings (`preset_settings`)."""
+
+    def semantic_attention_rule(self) -> tuple[str, ...]:
+        """The variant's per-stage semantic attention kinds (the original code's rule)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def preset_settings(name: str) -> dict:
+        """The config arguments of the released model `name`."""
+        raise NotImplementedError
+
+    def __post_init__(self, **kwargs):
+        # Built here rather than by transformers' config, which resolves backbone dicts through its own config
+        # mapping (that does not know "semask" in a remote-code process).
+        apply_rule = self.backbone_config is None or (
+            isinstance(self.backbone_config, dict) and self.backbone_config.get("semantic_attention") is None
+        )
+        if isinstance(self.backbone_config, dict):
+            self.backbone_config = SemaskConfig.from_dict(self.backbone_config)
+        elif self.backbone_config is None:
+            self.backbone_config = SemaskConfig()
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = self.backbone_config.id2label
+        super().__post_init__(**kwargs)
+        self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
+        if apply_rule:
+            self.backbone_config.semantic_attention = self.semantic_attention_rule()
+
+    @property
+    def has_semantic_layers(self) -> bool:
+        """Whether the encoder's stages end with semantic layers (whose priors feed the semantic head)."""
+        return self.backbone_config.has_semantic_layers
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # The encoder's semantic layers always predict this config's classes, however the labels are set
+        # (e.g. `from_pretrained(..., id2label=...)` assigns them after `__post_init__`).
+        if name in ("id2label", "label2id") and isinstance(getattr(self, "backbone_config", None), SemaskConfig):
+            setattr(self.backbone_config, name, None if value is None else dict(value))
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        check_class_ids(self.id2label)
+        backbone = self.backbone_config
+        if backbone.num_labels != self.num_labels:
+            raise ValueError(
+                f"The encoder's semantic layers predict {backbone.num_labels} classes but the decoder "
+                f"{self.num_labels}; both use this config's label set."
+            )
+        if self.size_divisibility % backbone.patch_size:
+            raise ValueError(
+                f"`size_divisibility` ({self.size_divisibility}) must be a multiple of the patch size "
+                f"({backbone.patch_size}), so that predictions are exactly {backbone.patch_size} times smaller."
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """The configuration of a released model (`cls.preset_names`); keyword arguments override preset values
+        (`backbone_config` overrides are merged into the preset's encoder settings)."""
+        preset = cls.preset_settings(name)
+        backbone = {**preset.pop("backbone_config"), **overrides.pop("backbone_config", {})}
+        return cls(**{**preset, **overrides, "backbone_config": backbone})
+
+
 __all__ = ["SemaskConfig"]

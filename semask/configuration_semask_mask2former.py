@@ -3,14 +3,14 @@
 from huggingface_hub.dataclasses import strict
 from transformers import Mask2FormerConfig
 
-from .configuration_semask import SemaskConfig, check_class_ids
+from .configuration_semask import SemaskConfig, SemaskEncoderConfigMixin
 from .presets import MASK2FORMER_PRESET_NAMES, mask2former_preset, mask2former_semantic_attention
 
 PIXEL_DECODERS = ("msdeformattn", "fapn", "msfapn")
 
 
 @strict
-class SemaskMask2FormerConfig(Mask2FormerConfig):
+class SemaskMask2FormerConfig(SemaskEncoderConfigMixin, Mask2FormerConfig):
     r"""
     Configuration of SeMask-Mask2Former (Jain et al., "SeMask: Semantically Masked Transformers for Semantic
     Segmentation"): a SeMask-Swin encoder (`backbone_config`, a [`SemaskConfig`]) feeding transformers' Mask2Former
@@ -70,37 +70,12 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
     size_divisibility: int = 32
     pixel_decoder: str = "msdeformattn"
 
-    def __post_init__(self, **kwargs):
-        # Built here rather than by `Mask2FormerConfig`, which resolves backbone dicts through transformers' own
-        # config mapping (that does not know "semask" in a remote-code process).
-        # The original Mask2Former rule picks the semantic attention kinds the encoder settings leave open.
-        apply_rule = self.backbone_config is None or (
-            isinstance(self.backbone_config, dict) and self.backbone_config.get("semantic_attention") is None
-        )
-        if isinstance(self.backbone_config, dict):
-            self.backbone_config = SemaskConfig.from_dict(self.backbone_config)
-        elif self.backbone_config is None:
-            self.backbone_config = SemaskConfig()
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = self.backbone_config.id2label
-        super().__post_init__(**kwargs)
-        self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
-        if apply_rule:
-            self.backbone_config.semantic_attention = mask2former_semantic_attention(
-                self.num_labels, self.backbone_config.num_layers, self.pixel_decoder
-            )
+    def semantic_attention_rule(self) -> tuple[str, ...]:
+        return mask2former_semantic_attention(self.num_labels, self.backbone_config.num_layers, self.pixel_decoder)
 
-    @property
-    def has_semantic_layers(self) -> bool:
-        """Whether the encoder's stages end with semantic layers (whose priors feed the semantic head)."""
-        return self.backbone_config.has_semantic_layers
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        # The encoder's semantic layers always predict this config's classes, however the labels are set
-        # (e.g. `from_pretrained(..., id2label=...)` assigns them after `__post_init__`).
-        if name in ("id2label", "label2id") and isinstance(getattr(self, "backbone_config", None), SemaskConfig):
-            setattr(self.backbone_config, name, None if value is None else dict(value))
+    @staticmethod
+    def preset_settings(name: str) -> dict:
+        return mask2former_preset(name)
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -111,13 +86,7 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
                 f"The FaPN pixel decoder normalises with GroupNorm(32): `feature_size` must be a multiple of 32, got "
                 f"{self.feature_size}."
             )
-        check_class_ids(self.id2label)
         backbone = self.backbone_config
-        if backbone.num_labels != self.num_labels:
-            raise ValueError(
-                f"The encoder's semantic layers predict {backbone.num_labels} classes but the decoder "
-                f"{self.num_labels}; both use this config's label set."
-            )
         strides = [backbone.patch_size * 2**index for index in range(backbone.num_layers)]
         if list(self.feature_strides) != strides or len(strides) != 4:
             raise ValueError(
@@ -125,22 +94,6 @@ class SemaskMask2FormerConfig(Mask2FormerConfig):
                 f"{backbone.patch_size}); got {backbone.num_layers} stages and feature_strides "
                 f"{list(self.feature_strides)}."
             )
-        if self.size_divisibility % backbone.patch_size:
-            raise ValueError(
-                f"`size_divisibility` ({self.size_divisibility}) must be a multiple of the patch size "
-                f"({backbone.patch_size}), so that predictions are exactly {backbone.patch_size} times smaller."
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "SemaskMask2FormerConfig":
-        """The configuration of a released SeMask-Mask2Former model, e.g. ``"semask-large-mask2former-ade20k"``.
-
-        Available names are in `SemaskMask2FormerConfig.preset_names`; keyword arguments override preset values
-        (`backbone_config` overrides are merged into the preset's encoder settings).
-        """
-        preset = mask2former_preset(name)
-        backbone = {**preset.pop("backbone_config"), **overrides.pop("backbone_config", {})}
-        return cls(**{**preset, **overrides, "backbone_config": backbone})
 
 
 __all__ = ["SemaskMask2FormerConfig"]

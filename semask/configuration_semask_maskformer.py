@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import DetrConfig, MaskFormerConfig
 
-from .configuration_semask import SemaskConfig, check_class_ids
+from .configuration_semask import SemaskConfig, SemaskEncoderConfigMixin
 from .presets import MASKFORMER_PRESET_NAMES, maskformer_preset, maskformer_semantic_attention
 
 # The original SeMask-MaskFormer transformer decoder (`mask_former/config.py`): DETR's, 6 post-norm layers, dropout
@@ -22,7 +22,7 @@ ORIGINAL_DECODER = {
 
 
 @strict
-class SemaskMaskFormerConfig(MaskFormerConfig):
+class SemaskMaskFormerConfig(SemaskEncoderConfigMixin, MaskFormerConfig):
     r"""
     Configuration of SeMask-MaskFormer (Jain et al., "SeMask: Semantically Masked Transformers for Semantic
     Segmentation"): a SeMask-Swin encoder (`backbone_config`, a [`SemaskConfig`]) feeding transformers' MaskFormer
@@ -73,70 +73,30 @@ class SemaskMaskFormerConfig(MaskFormerConfig):
     ignore_value: int = 255
 
     def __post_init__(self, **kwargs):
-        # Built here rather than by `MaskFormerConfig`, which resolves sub-config dicts through transformers' own
-        # config mapping (that does not know "semask" in a remote-code process).
-        apply_rule = self.backbone_config is None or (
-            isinstance(self.backbone_config, dict) and self.backbone_config.get("semantic_attention") is None
-        )
-        if isinstance(self.backbone_config, dict):
-            self.backbone_config = SemaskConfig.from_dict(self.backbone_config)
-        elif self.backbone_config is None:
-            self.backbone_config = SemaskConfig()
         if self.decoder_config is None or isinstance(self.decoder_config, dict):
             decoder = {key: value for key, value in (self.decoder_config or {}).items() if key != "model_type"}
             self.decoder_config = DetrConfig(**{**ORIGINAL_DECODER, **decoder})
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            self.id2label = self.backbone_config.id2label
         super().__post_init__(**kwargs)
-        self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
-        if apply_rule:
-            self.backbone_config.semantic_attention = maskformer_semantic_attention(self.backbone_config.num_layers)
 
-    @property
-    def has_semantic_layers(self) -> bool:
-        """Whether the encoder's stages end with semantic layers (whose priors feed the semantic head)."""
-        return self.backbone_config.has_semantic_layers
+    def semantic_attention_rule(self) -> tuple[str, ...]:
+        return maskformer_semantic_attention(self.backbone_config.num_layers)
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        # The encoder's semantic layers always predict this config's classes, however the labels are set.
-        if name in ("id2label", "label2id") and isinstance(getattr(self, "backbone_config", None), SemaskConfig):
-            setattr(self.backbone_config, name, None if value is None else dict(value))
+    @staticmethod
+    def preset_settings(name: str) -> dict:
+        return maskformer_preset(name)
 
     def validate_architecture(self):
         super().validate_architecture()
-        check_class_ids(self.id2label)
-        backbone = self.backbone_config
-        if backbone.num_labels != self.num_labels:
+        if self.backbone_config.num_layers < 2:
             raise ValueError(
-                f"The encoder's semantic layers predict {backbone.num_labels} classes but the decoder "
-                f"{self.num_labels}; both use this config's label set."
-            )
-        if backbone.num_layers < 2:
-            raise ValueError(
-                f"MaskFormer's FPN pixel decoder needs at least 2 encoder stages, got {backbone.num_layers}."
+                "MaskFormer's FPN pixel decoder needs at least 2 encoder stages, got "
+                f"{self.backbone_config.num_layers}."
             )
         if self.fpn_feature_size % 32:
             raise ValueError(
                 f"MaskFormer's FPN normalises with GroupNorm(32): `fpn_feature_size` must be a multiple of 32, got "
                 f"{self.fpn_feature_size}."
             )
-        if self.size_divisibility % backbone.patch_size:
-            raise ValueError(
-                f"`size_divisibility` ({self.size_divisibility}) must be a multiple of the patch size "
-                f"({backbone.patch_size}), so that predictions are exactly {backbone.patch_size} times smaller."
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "SemaskMaskFormerConfig":
-        """The configuration of the released SeMask-MaskFormer, ``"semask-large-maskformer-ade20k"``.
-
-        Keyword arguments override preset values (`backbone_config` overrides are merged into the preset's encoder
-        settings).
-        """
-        preset = maskformer_preset(name)
-        backbone = {**preset.pop("backbone_config"), **overrides.pop("backbone_config", {})}
-        return cls(**{**preset, **overrides, "backbone_config": backbone})
 
 
 __all__ = ["SemaskMaskFormerConfig"]

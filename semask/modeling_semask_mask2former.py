@@ -27,11 +27,10 @@ from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .modeling_semask import SemaskModel, with_remote_code_auto_map
 from .modeling_semask_fapn import SemaskFaPNPixelDecoder, SemaskMSFaPNPixelDecoder, init_fapn_weights
 from .modeling_semask_mask_classification import (
-    SemanticHeadLossMixin,
+    SemanticHeadMixin,
     SemanticPriorsOutput,
     pad_to_multiple,
     refuse_unknown_arguments,
-    semantic_head,
 )
 
 REMOTE_CODE_AUTO_MAP = {
@@ -166,7 +165,7 @@ class SemaskMask2FormerModel(SemaskMask2FormerPreTrainedModel):
 
 
 class SemaskMask2FormerForUniversalSegmentation(
-    SemanticHeadLossMixin, SemaskMask2FormerPreTrainedModel, Mask2FormerForUniversalSegmentation
+    SemanticHeadMixin, SemaskMask2FormerPreTrainedModel, Mask2FormerForUniversalSegmentation
 ):
     """SeMask-Mask2Former: Mask2Former's class and mask predictions, the semantic head and all training losses.
 
@@ -227,41 +226,16 @@ class SemaskMask2FormerForUniversalSegmentation(
         class_queries_logits = tuple(
             self.class_predictor(states.transpose(0, 1)) for states in outputs.transformer_decoder_intermediate_states
         )
-        masks_queries_logits = outputs.masks_queries_logits
-        auxiliary_logits = self.get_auxiliary_logits(class_queries_logits, masks_queries_logits)
-        semantic_logits = None
-        if outputs.semantic_priors is not None:
-            semantic_logits = semantic_head(outputs.semantic_priors, stride=self.config.feature_strides[0])
-
-        loss = None
-        if labels is not None or mask_labels is not None:
-            loss_dict = self.loss_terms(
-                masks_queries_logits[-1],
-                class_queries_logits[-1],
-                auxiliary_logits if self.config.use_auxiliary_loss else [],
-                semantic_logits,
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                labels=labels,
-            )
-            loss = self.get_loss(loss_dict)
-        if output_auxiliary_logits is None:
-            output_auxiliary_logits = self.config.output_auxiliary_logits
-        return SemaskMask2FormerForUniversalSegmentationOutput(
-            loss=loss,
-            class_queries_logits=class_queries_logits[-1],
-            masks_queries_logits=masks_queries_logits[-1],
-            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
-            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
-            transformer_decoder_hidden_states=outputs.transformer_decoder_hidden_states,
-            attentions=outputs.attentions,
-            semantic_logits=semantic_logits,
-            semantic_priors=outputs.semantic_priors,
+        fields = self.segmentation_outputs(
+            outputs,
+            class_queries_logits,
+            outputs.masks_queries_logits,
+            mask_labels=mask_labels,
+            class_labels=class_labels,
+            labels=labels,
+            output_auxiliary_logits=output_auxiliary_logits,
         )
+        return SemaskMask2FormerForUniversalSegmentationOutput(**fields)
 
 
 __all__ = [

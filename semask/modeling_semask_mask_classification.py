@@ -74,10 +74,68 @@ def refuse_unknown_arguments(model: nn.Module, kwargs: dict) -> None:
         )
 
 
-class SemanticHeadLossMixin:
-    """The targets, checks and losses of a SeMask mask classification model: transformers' mask classification
-    losses (`get_loss_dict`, `criterion`) plus the semantic head's cross-entropy. Needs `config.size_divisibility`,
-    `config.ignore_value`, `config.num_labels` and `config.semantic_loss_weight`."""
+# The model outputs that the segmentation outputs pass on as they are.
+PASSED_ON_OUTPUTS = (
+    "encoder_last_hidden_state",
+    "pixel_decoder_last_hidden_state",
+    "transformer_decoder_last_hidden_state",
+    "encoder_hidden_states",
+    "pixel_decoder_hidden_states",
+    "transformer_decoder_hidden_states",
+    "attentions",
+    "semantic_priors",
+)
+
+
+class SemanticHeadMixin:
+    """The semantic head, targets, checks and losses of a SeMask mask classification model: transformers' mask
+    classification losses (`get_loss_dict`, `criterion`, `get_loss`) plus the semantic head's cross-entropy. Needs
+    `config.size_divisibility`, `config.ignore_value`, `config.num_labels`, `config.semantic_loss_weight`,
+    `config.use_auxiliary_loss` and `config.output_auxiliary_logits`."""
+
+    def segmentation_outputs(
+        self,
+        outputs: ModelOutput,
+        class_queries_logits: tuple[torch.Tensor, ...],
+        masks_queries_logits: tuple[torch.Tensor, ...],
+        *,
+        mask_labels: list[torch.Tensor] | None,
+        class_labels: list[torch.Tensor] | None,
+        labels: torch.Tensor | None,
+        output_auxiliary_logits: bool | None,
+    ) -> dict:
+        """The fields of the segmentation output from the model's `outputs` and every decoder layer's class and mask
+        predictions: the final ones, the earlier ones (`auxiliary_logits`, on request), the semantic head's scores,
+        the loss where targets are given, and the model's states."""
+        auxiliary_logits = [
+            {"class_queries_logits": classes, "masks_queries_logits": masks}
+            for classes, masks in zip(class_queries_logits[:-1], masks_queries_logits[:-1])
+        ]
+        semantic_logits = None
+        if outputs.semantic_priors is not None:
+            semantic_logits = semantic_head(outputs.semantic_priors, stride=self.config.backbone_config.patch_size)
+        loss = None
+        if labels is not None or mask_labels is not None:
+            loss_dict = self.loss_terms(
+                masks_queries_logits[-1],
+                class_queries_logits[-1],
+                auxiliary_logits if self.config.use_auxiliary_loss else [],
+                semantic_logits,
+                mask_labels=mask_labels,
+                class_labels=class_labels,
+                labels=labels,
+            )
+            loss = self.get_loss(loss_dict)
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = self.config.output_auxiliary_logits
+        return {
+            "loss": loss,
+            "class_queries_logits": class_queries_logits[-1],
+            "masks_queries_logits": masks_queries_logits[-1],
+            "auxiliary_logits": auxiliary_logits if output_auxiliary_logits else None,
+            "semantic_logits": semantic_logits,
+            **{name: getattr(outputs, name) for name in PASSED_ON_OUTPUTS},
+        }
 
     def loss_terms(
         self,

@@ -29,11 +29,10 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_semask_maskformer import SemaskMaskFormerConfig
 from .modeling_semask import SemaskModel, with_remote_code_auto_map
 from .modeling_semask_mask_classification import (
-    SemanticHeadLossMixin,
+    SemanticHeadMixin,
     SemanticPriorsOutput,
     pad_to_multiple,
     refuse_unknown_arguments,
-    semantic_head,
 )
 
 REMOTE_CODE_AUTO_MAP = {
@@ -179,7 +178,7 @@ class SemaskMaskFormerModel(SemaskMaskFormerPreTrainedModel):
 
 
 class SemaskMaskFormerForInstanceSegmentation(
-    SemanticHeadLossMixin, SemaskMaskFormerPreTrainedModel, MaskFormerForInstanceSegmentation
+    SemanticHeadMixin, SemaskMaskFormerPreTrainedModel, MaskFormerForInstanceSegmentation
 ):
     """SeMask-MaskFormer: MaskFormer's class and mask predictions, the semantic head and all training losses.
 
@@ -248,47 +247,18 @@ class SemaskMaskFormerForInstanceSegmentation(
         )
         # Every layer's queries predict classes and masks (the original TransformerPredictor with deep supervision).
         queries = torch.stack(outputs.transformer_decoder_intermediate_states)
-        class_queries_logits = self.class_predictor(queries)
         mask_embeddings = self.mask_embedder(queries)
-        pixel_embeddings = outputs.pixel_decoder_last_hidden_state
-        masks_queries_logits = torch.einsum("lbqc,bchw->lbqhw", mask_embeddings, pixel_embeddings)
-        auxiliary_logits = [
-            {"class_queries_logits": classes, "masks_queries_logits": masks}
-            for classes, masks in zip(class_queries_logits[:-1], masks_queries_logits[:-1])
-        ]
-        semantic_logits = None
-        if outputs.semantic_priors is not None:
-            semantic_logits = semantic_head(outputs.semantic_priors, stride=self.config.backbone_config.patch_size)
-
-        loss = None
-        if labels is not None or mask_labels is not None:
-            loss_dict = self.loss_terms(
-                masks_queries_logits[-1],
-                class_queries_logits[-1],
-                auxiliary_logits if self.config.use_auxiliary_loss else None,
-                semantic_logits,
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                labels=labels,
-            )
-            loss = self.get_loss(loss_dict)
-        if output_auxiliary_logits is None:
-            output_auxiliary_logits = self.config.output_auxiliary_logits
-        return SemaskMaskFormerForInstanceSegmentationOutput(
-            loss=loss,
-            class_queries_logits=class_queries_logits[-1],
-            masks_queries_logits=masks_queries_logits[-1],
-            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
-            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
-            transformer_decoder_hidden_states=outputs.transformer_decoder_hidden_states,
-            attentions=outputs.attentions,
-            semantic_logits=semantic_logits,
-            semantic_priors=outputs.semantic_priors,
+        masks = torch.einsum("lbqc,bchw->lbqhw", mask_embeddings, outputs.pixel_decoder_last_hidden_state)
+        fields = self.segmentation_outputs(
+            outputs,
+            tuple(self.class_predictor(queries)),
+            tuple(masks),
+            mask_labels=mask_labels,
+            class_labels=class_labels,
+            labels=labels,
+            output_auxiliary_logits=output_auxiliary_logits,
         )
+        return SemaskMaskFormerForInstanceSegmentationOutput(**fields)
 
 
 __all__ = [

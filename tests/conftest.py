@@ -87,6 +87,38 @@ def tiny_mask2former_config_kwargs(**overrides) -> dict:
     }
 
 
+def tiny_maskformer_config_kwargs(**overrides) -> dict:
+    """The demo SeMask-MaskFormer (`TINY_MASKFORMER_CONFIG`) made smaller for CPU tests: the encoder of
+    `tiny_config_kwargs`, a narrower feed-forward layer and fewer queries."""
+    from semask.training import TINY_MASKFORMER_CONFIG  # imported here: see `tiny_config_kwargs`
+
+    encoder = {key: value for key, value in tiny_config_kwargs().items() if key != "decoder_hidden_size"}
+    decoder = {**TINY_MASKFORMER_CONFIG["decoder_config"], "decoder_ffn_dim": 32, "num_queries": 6}
+    return {
+        **TINY_MASKFORMER_CONFIG,
+        "backbone_config": encoder,
+        "decoder_config": decoder,
+        "id2label": encoder["id2label"],
+        **overrides,
+    }
+
+
+def assert_mask_classification_outputs_match(outputs, expected: dict, num_aux: int, tolerance: dict) -> None:
+    """Compare a mask classification model's outputs (run with hidden states and auxiliary logits) with an original
+    fixture's: encoder features and priors, mask features, final and earlier predictions, semantic head."""
+    for index, stage in enumerate(("res2", "res3", "res4", "res5")):
+        torch.testing.assert_close(outputs.encoder_hidden_states[index], expected[f"backbone.{stage}"], **tolerance)
+        torch.testing.assert_close(outputs.semantic_priors[index], expected[f"semantic_priors.{index}"], **tolerance)
+    torch.testing.assert_close(outputs.pixel_decoder_last_hidden_state, expected["mask_features"], **tolerance)
+    torch.testing.assert_close(outputs.class_queries_logits, expected["pred_logits"], **tolerance)
+    torch.testing.assert_close(outputs.masks_queries_logits, expected["pred_masks"], **tolerance)
+    assert len(outputs.auxiliary_logits) == num_aux
+    for index, auxiliary in enumerate(outputs.auxiliary_logits):
+        torch.testing.assert_close(auxiliary["class_queries_logits"], expected[f"aux.{index}.pred_logits"], **tolerance)
+        torch.testing.assert_close(auxiliary["masks_queries_logits"], expected[f"aux.{index}.pred_masks"], **tolerance)
+    torch.testing.assert_close(outputs.semantic_logits, expected["sem_predictions"], **tolerance)
+
+
 def train_steps(model: torch.nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
     """Train `model` on one batch with AdamW (lr 1e-3) for `steps` steps; the losses, step by step."""
     model.train()

@@ -3,13 +3,11 @@ original's outputs, bad values, and training."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from PIL import Image
-from test_mask2former_auto import run_remote_script
+from test_mask2former_auto import run_remote_script, write_remote_inputs
 
 from conftest import mask2former_fixture_dir, tiny_mask2former_config_kwargs, train_steps
 from semask import SemaskImageProcessor, SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation
@@ -201,11 +199,7 @@ def test_fapn_model_runs_as_remote_code_in_the_pipeline(fapn_model, tmp_path):
         folder
     )
     assert (folder / "modeling_semask_fapn.py").is_file()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(tmp_path / "image.png")
-    pixel_values = torch.randn(1, 3, 64, 80)
-    torch.save(pixel_values, tmp_path / "pixel_values.pt")
-    with torch.no_grad():
-        torch.save(fapn_model(pixel_values).masks_queries_logits, tmp_path / "masks.pt")
+    write_remote_inputs(fapn_model, folder)
     report = run_remote_script(folder, "remote", tmp_path)
     assert report["model"].startswith("transformers_modules.") and report["segments"]
 

@@ -29,12 +29,13 @@ if sys.argv[2] == "remote":
 else:
     import semask
 import torch
+import transformers
 from PIL import Image
-from transformers import AutoModelForUniversalSegmentation, pipeline
+from transformers import pipeline
 
-folder, how, image = sys.argv[1:4]
+folder, how, image, auto_class = sys.argv[1:5]
 kwargs = {"trust_remote_code": True} if how == "remote" else {}
-model = AutoModelForUniversalSegmentation.from_pretrained(folder, **kwargs)
+model = getattr(transformers, auto_class).from_pretrained(folder, **kwargs)
 with torch.no_grad():
     masks = model(torch.load(folder + "/../pixel_values.pt")).masks_queries_logits
 torch.testing.assert_close(masks, torch.load(folder + "/../masks.pt"), rtol=0, atol=0)
@@ -48,11 +49,11 @@ print(json.dumps({
 """
 
 
-def run_remote_script(folder, how: str, tmp_path) -> dict:
+def run_remote_script(folder, how: str, tmp_path, auto_class: str = "AutoModelForUniversalSegmentation") -> dict:
     """`REMOTE_SCRIPT`'s report on a saved folder (its inputs `pixel_values.pt`, `masks.pt`, `image.png` beside it),
-    run in a fresh process with an empty Hub cache."""
+    loaded with `auto_class` in a fresh process with an empty Hub cache."""
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), how, str(folder.parent / "image.png")],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), how, str(folder.parent / "image.png"), auto_class],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -60,6 +61,31 @@ def run_remote_script(folder, how: str, tmp_path) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_remote_inputs(model, folder) -> Image.Image:
+    """Beside a saved `folder`, the inputs of `run_remote_script`: a test image, an input and `model`'s mask
+    predictions for it; returns the image."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    image.save(folder.parent / "image.png")
+    pixel_values = torch.randn(1, 3, 64, 80)
+    torch.save(pixel_values, folder.parent / "pixel_values.pt")
+    with torch.no_grad():
+        torch.save(model.eval()(pixel_values).masks_queries_logits, folder.parent / "masks.pt")
+    return image
+
+
+def pipeline_segments(model, processor, image: Image.Image) -> list[dict]:
+    """The segments `REMOTE_SCRIPT` should report for `image`: the processor's semantic post-processing of `model`'s
+    outputs, one segment per class present."""
+    with torch.no_grad():
+        outputs = model(**processor(image, return_tensors="pt"))
+    segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    labels, counts = segmentation.unique(return_counts=True)
+    return [
+        {"label": model.config.id2label[int(label)], "size": list(image.size), "pixels": int(count)}
+        for label, count in zip(labels, counts)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +98,7 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "semask-mask2former-tiny"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
-    image.save(folder.parent / "image.png")
-    pixel_values = torch.randn(1, 3, 64, 80)
-    torch.save(pixel_values, folder.parent / "pixel_values.pt")
-    with torch.no_grad():
-        torch.save(model(pixel_values).masks_queries_logits, folder.parent / "masks.pt")
-    return model, processor, folder, image
+    return model, processor, folder, write_remote_inputs(model, folder)
 
 
 def test_save_load_round_trip_and_auto_classes(saved):
@@ -123,14 +143,7 @@ def test_remote_code_and_pipeline(saved, how, tmp_path):
     report = run_remote_script(folder, how, tmp_path)
     assert report["model"].startswith("semask." if how == "installed" else "transformers_modules.")
     assert report["pipeline_model"] == "SemaskMask2FormerForUniversalSegmentation"
-    with torch.no_grad():
-        outputs = model(**processor(image, return_tensors="pt"))
-    expected = processor.post_process_semantic_segmentation(outputs, target_sizes=[(45, 70)])[0]
-    labels, counts = expected.unique(return_counts=True)
-    assert report["segments"] == [
-        {"label": model.config.id2label[int(label)], "size": [70, 45], "pixels": int(count)}
-        for label, count in zip(labels, counts)
-    ]
+    assert report["segments"] == pipeline_segments(model, processor, image)
 
 
 def test_post_processing_crops_the_padding_like_whole_inference(saved):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import mask2former_fixture_dir
+from conftest import assert_mask_classification_outputs_match, mask2former_fixture_dir
 from semask import SemaskMask2FormerForUniversalSegmentation
 from semask.conversion import main
 from semask.inference import semantic_inference
@@ -50,20 +50,10 @@ def test_converted_model_reproduces_every_original_tensor(fixture, converted, at
     with torch.no_grad():
         outputs = model(pixel_values, output_hidden_states=True, output_auxiliary_logits=True)
 
-    for index, name in enumerate(("res2", "res3", "res4", "res5")):
-        torch.testing.assert_close(outputs.encoder_hidden_states[index], expected[f"backbone.{name}"], **TOLERANCE)
-        torch.testing.assert_close(outputs.semantic_priors[index], expected[f"semantic_priors.{index}"], **TOLERANCE)
-    torch.testing.assert_close(outputs.pixel_decoder_last_hidden_state, expected["mask_features"], **TOLERANCE)
+    assert_mask_classification_outputs_match(outputs, expected, NUM_AUX, TOLERANCE)
     for index in range(3):
         actual = outputs.pixel_decoder_hidden_states[index]
         torch.testing.assert_close(actual, expected[f"multi_scale_features.{index}"], **TOLERANCE)
-    torch.testing.assert_close(outputs.class_queries_logits, expected["pred_logits"], **TOLERANCE)
-    torch.testing.assert_close(outputs.masks_queries_logits, expected["pred_masks"], **TOLERANCE)
-    assert len(outputs.auxiliary_logits) == NUM_AUX
-    for index, auxiliary in enumerate(outputs.auxiliary_logits):
-        torch.testing.assert_close(auxiliary["class_queries_logits"], expected[f"aux.{index}.pred_logits"], **TOLERANCE)
-        torch.testing.assert_close(auxiliary["masks_queries_logits"], expected[f"aux.{index}.pred_masks"], **TOLERANCE)
-    torch.testing.assert_close(outputs.semantic_logits, expected["sem_predictions"], **TOLERANCE)
     scores = semantic_inference(outputs.class_queries_logits, outputs.masks_queries_logits, pixel_values.shape[-2:])
     torch.testing.assert_close(scores[0], expected["semantic_segmentation"], **TOLERANCE)
 

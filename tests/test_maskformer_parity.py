@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_mask2former_auto import run_remote_script, write_remote_inputs
 
+from conftest import assert_mask_classification_outputs_match
 from semask import SemaskMaskFormerForInstanceSegmentation
 from semask.conversion import main
 from semask.inference import semantic_inference
@@ -52,19 +54,9 @@ def test_converted_model_reproduces_every_original_tensor(expected, converted, a
     with torch.no_grad():
         outputs = model(pixel_values, output_hidden_states=True, output_auxiliary_logits=True)
 
-    for index, name in enumerate(("res2", "res3", "res4", "res5")):
-        torch.testing.assert_close(outputs.encoder_hidden_states[index], expected[f"backbone.{name}"], **TOLERANCE)
-        torch.testing.assert_close(outputs.semantic_priors[index], expected[f"semantic_priors.{index}"], **TOLERANCE)
-    torch.testing.assert_close(outputs.pixel_decoder_last_hidden_state, expected["mask_features"], **TOLERANCE)
+    assert_mask_classification_outputs_match(outputs, expected, NUM_AUX, TOLERANCE)
     layer_outputs = model.model(pixel_values).transformer_decoder_intermediate_states
     torch.testing.assert_close(torch.stack(layer_outputs), expected["transformer_decoder.hidden_states"], **TOLERANCE)
-    torch.testing.assert_close(outputs.class_queries_logits, expected["pred_logits"], **TOLERANCE)
-    torch.testing.assert_close(outputs.masks_queries_logits, expected["pred_masks"], **TOLERANCE)
-    assert len(outputs.auxiliary_logits) == NUM_AUX
-    for index, auxiliary in enumerate(outputs.auxiliary_logits):
-        torch.testing.assert_close(auxiliary["class_queries_logits"], expected[f"aux.{index}.pred_logits"], **TOLERANCE)
-        torch.testing.assert_close(auxiliary["masks_queries_logits"], expected[f"aux.{index}.pred_masks"], **TOLERANCE)
-    torch.testing.assert_close(outputs.semantic_logits, expected["sem_predictions"], **TOLERANCE)
     scores = semantic_inference(outputs.class_queries_logits, outputs.masks_queries_logits, pixel_values.shape[-2:])
     torch.testing.assert_close(scores, expected["semantic_segmentation"], **TOLERANCE)
 
@@ -141,3 +133,13 @@ def test_conversion_infers_the_fixture_configuration(converted):
         ("use_auxiliary_loss", "DEEP_SUPERVISION"),
     ]:
         assert config[ours] == mask_former[theirs], ours
+
+
+def test_the_converted_folder_runs_as_remote_code_in_the_pipeline(converted, model, tmp_path):
+    """Without semask importable: the folder's own code loads it and `pipeline("image-segmentation")` segments."""
+    write_remote_inputs(model, converted)
+    report = run_remote_script(converted, "remote", tmp_path, auto_class="AutoModelForInstanceSegmentation")
+    assert report["model"].startswith("transformers_modules.") and report["model"].endswith(
+        "modeling_semask_maskformer.SemaskMaskFormerForInstanceSegmentation"
+    )
+    assert report["segments"] and all(segment["size"] == [70, 45] for segment in report["segments"])

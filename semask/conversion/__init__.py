@@ -214,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decoder-attention-heads",
         type=int,
-        help="SeMask-MaskFormer's transformer decoder heads, which its weights do not fix (default 8, the original's)",
+        help="transformer decoder heads (NHEADS), which the weights of SeMask-MaskFormer and of SeMask-Mask2Former "
+        "with the FaPN decoder do not fix (default 8, the original's)",
     )
     parser.add_argument("--labels", help="JSON file with the class names, as a list or an {index: name} object")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")

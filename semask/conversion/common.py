@@ -42,6 +42,7 @@ ENCODER_KEY_RENAMES: KeyRenames = [
 DROPPED_KEYS = re.compile(r"\.attn\.relative_position_index$")
 QKV_KEY = re.compile(r"(.*)\.attn\.qkv\.(weight|bias)$")
 LISTED_KEYS = 5  # keys named in the non-finite weights error
+NO_OBJECT_WEIGHT_KEY = "criterion.empty_weight"  # detectron2 checkpoints' loss buffer
 
 
 class ConversionError(ValueError):
@@ -137,6 +138,17 @@ def split_fused_projection(prefix: str, kind: str, value: torch.Tensor) -> dict[
     }
 
 
+def renamed_head_weight(
+    key: str, value: torch.Tensor, renames: KeyRenames, fused_projection: re.Pattern
+) -> dict[str, torch.Tensor]:
+    """A head weight under its semask name (`renames` applied), a fused attention `in_proj` (its renamed key matching
+    `fused_projection`, whose groups are the attention's prefix and "weight" / "bias") split into q / k / v."""
+    key = rename_key(key, renames)
+    if in_proj := fused_projection.match(key):
+        return split_fused_projection(f"{in_proj[1]}.", in_proj[2], value)
+    return {key: value}
+
+
 def convert_encoder_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The original encoder weights (`backbone.*` keys) renamed for a `SemaskModel` whose keys start with `prefix`.
 
@@ -230,6 +242,49 @@ def raise_on_contradictions(chosen: dict, inferred: dict, num_labels: int) -> No
             f"{key}: given {given}, checkpoint {found}" for key, (given, found) in contradictions.items()
         )
         raise CheckpointMismatchError(f"The checkpoint does not match the requested configuration ({details}).")
+
+
+def detectron2_config_kwargs(
+    state_dict: dict[str, torch.Tensor], head: dict, chosen: dict, overrides: dict, encoder_settings: set[str]
+) -> dict:
+    """The config arguments for an original detectron2 (SeMask-MaskFormer / -Mask2Former) checkpoint: the settings
+    its weights fix, then the preset's, then `overrides`; every contradiction with the weights is listed at once.
+
+    Args:
+        state_dict (`dict[str, torch.Tensor]`):
+            The original state dict.
+        head (`dict`):
+            The settings the head's weights fix, with its `num_labels` (the no-object weight is read here).
+        chosen (`dict`):
+            The preset's config arguments (empty without a preset).
+        overrides (`dict`):
+            The user's; those named in `encoder_settings` go to the encoder.
+        encoder_settings (`set[str]`):
+            The `SemaskConfig` settings that are not the model config's own.
+    """
+    head = dict(head)
+    num_labels = head.pop("num_labels")
+    if NO_OBJECT_WEIGHT_KEY in state_dict:  # float32 -> the decimal it was written as
+        head["no_object_weight"] = float(f"{state_dict[NO_OBJECT_WEIGHT_KEY][-1].item():.7g}")
+    check_label_count(state_dict, num_labels, "class predictor")
+    encoder = infer_encoder_kwargs(state_dict)
+    chosen = dict(chosen)
+    chosen_encoder = chosen.pop("backbone_config", {})
+    chosen_encoder |= {key: value for key, value in overrides.items() if key in encoder_settings}
+    chosen |= {key: value for key, value in overrides.items() if key not in encoder_settings}
+    raise_on_contradictions({**chosen, **chosen_encoder}, {**head, **encoder}, num_labels)
+    id2label = chosen.pop("id2label", {index: f"LABEL_{index}" for index in range(num_labels)})
+    backbone = {"semantic_window_size": 7, **chosen_encoder, **encoder}
+    return {**chosen, **head, "backbone_config": backbone, "id2label": id2label}
+
+
+def load_with_loss_buffer(model: Model, converted: dict[str, torch.Tensor]) -> Model:
+    """`load_converted` for a mask classification model, whose loss buffer (`criterion.empty_weight`) follows its
+    `no_object_weight` (inferred from that buffer); without scipy the model has no loss module."""
+    converted.pop(NO_OBJECT_WEIGHT_KEY, None)
+    if model.criterion is not None:
+        converted[NO_OBJECT_WEIGHT_KEY] = model.criterion.empty_weight
+    return load_converted(model, converted)
 
 
 def check_state_dict(converted: dict[str, torch.Tensor], model: torch.nn.Module) -> None:

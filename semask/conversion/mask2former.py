@@ -5,10 +5,12 @@ encoder's keys are renamed as for SeMask-FPN; the pixel decoder, transformer dec
 transformers' Mask2Former names, and the decoder self-attention's fused `in_proj` is split into q / k / v.
 
 The weights fix the encoder, the class count, the pixel decoder (width, layers, FFN width, heads, FPN levels), the
-transformer decoder (width, queries, layers, FFN width) and the no-object weight. The rest comes from the preset, the
+transformer decoder (width, queries, layers, FFN width) and the no-object weight. The head count (`num_attention_heads`,
+the original NHEADS of both decoders) is in the weights of the deformable-attention decoders only; with the FaPN
+decoder it comes from the preset or the overrides, otherwise the original's 8. The rest comes from the preset, the
 overrides or the original's defaults: semantic window 7, post-norm, the loss settings of `Mask2FormerConfig`, and the
-Mask2Former semantic-attention rule (`semask.presets.mask2former_semantic_attention`), which
-`SemaskMask2FormerConfig` applies unless `semantic_attention` is given.
+semantic-attention rule of the original codebase of its pixel decoder (`semask.presets.mask2former_semantic_attention`),
+which `SemaskMask2FormerConfig` applies unless `semantic_attention` is given.
 """
 
 import re
@@ -24,15 +26,12 @@ from .common import (
     ENCODER_KEY_PREFIX,
     CheckpointMismatchError,
     KeyRenames,
-    check_label_count,
     convert_encoder_state_dict,
-    infer_encoder_kwargs,
+    detectron2_config_kwargs,
     key_indices,
-    load_converted,
-    raise_on_contradictions,
-    rename_key,
+    load_with_loss_buffer,
+    renamed_head_weight,
     require_key,
-    split_fused_projection,
 )
 
 ENCODER_PREFIX = "model.pixel_level_module.encoder."
@@ -88,7 +87,6 @@ FAPN_LEVEL_PARTS = [  # (original part after `<module>_<n>.`, semask part after 
     ("layer", r"norm\.", "norm."),
 ]
 SELF_ATTENTION_IN_PROJ = re.compile(r"(.*\.self_attn)\.in_proj_(weight|bias)$")
-NO_OBJECT_WEIGHT_KEY = "criterion.empty_weight"
 # `MSDeformAttnPixelDecoder`'s deformable attention: 3 feature levels, 4 sampling points (fixed in both codes).
 DEFORMABLE_LEVELS, DEFORMABLE_POINTS = 3, 4
 ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
@@ -180,8 +178,6 @@ def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
         "enforce_input_projection": predictor + "input_proj.0.weight" in state_dict,
         "num_labels": classifier.shape[0] - 1,
     }
-    if NO_OBJECT_WEIGHT_KEY in state_dict:
-        kwargs["no_object_weight"] = float(f"{state_dict[NO_OBJECT_WEIGHT_KEY][-1].item():.7g}")  # float32 -> decimal
     return kwargs
 
 
@@ -216,20 +212,11 @@ def config_from_original(
     Raises:
         `CheckpointMismatchError`: a preset or override that contradicts the weights.
     """
-    head = infer_head_kwargs(state_dict)
-    num_labels = head.pop("num_labels")
-    check_label_count(state_dict, num_labels, "class predictor")
-    encoder = infer_encoder_kwargs(state_dict)
+    if "decoder_attention_heads" in overrides:  # the CLI's name; one head count serves both decoders here
+        overrides["num_attention_heads"] = overrides.pop("decoder_attention_heads")
     chosen = mask2former_preset(preset) if preset else {}
-    chosen_encoder = chosen.pop("backbone_config", {})
-    for key in set(overrides) & ENCODER_SETTINGS:
-        chosen_encoder[key] = overrides.pop(key)
-    chosen.update(overrides)
-    raise_on_contradictions(chosen, head, num_labels)
-    raise_on_contradictions(chosen_encoder, encoder, num_labels)
-    id2label = chosen.pop("id2label", {index: f"LABEL_{index}" for index in range(num_labels)})
-    backbone = {"semantic_window_size": 7, **chosen_encoder, **encoder}
-    return SemaskMask2FormerConfig(**{**chosen, **head, "backbone_config": backbone, "id2label": id2label})
+    kwargs = detectron2_config_kwargs(state_dict, infer_head_kwargs(state_dict), chosen, overrides, ENCODER_SETTINGS)
+    return SemaskMask2FormerConfig(**kwargs)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,11 +238,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     for key, value in state_dict.items():
         if key.startswith(ENCODER_KEY_PREFIX) or key in fapn_keys:
             continue
-        key = rename_key(key, HEAD_KEY_RENAMES)
-        if in_proj := SELF_ATTENTION_IN_PROJ.match(key):
-            converted |= split_fused_projection(f"{in_proj[1]}.", in_proj[2], value)
-        else:
-            converted[key] = value
+        converted |= renamed_head_weight(key, value, HEAD_KEY_RENAMES, SELF_ATTENTION_IN_PROJ)
     return converted
 
 
@@ -265,9 +248,4 @@ def convert_mask2former_checkpoint(
     """A `SemaskMask2FormerForUniversalSegmentation` (eval mode) holding an original SeMask-Mask2Former state dict;
     arguments and errors as for `semask.conversion.fpn.convert_fpn_checkpoint`."""
     model = SemaskMask2FormerForUniversalSegmentation(config_from_original(state_dict, preset, **overrides))
-    converted = convert_state_dict(state_dict)
-    # The loss buffer follows `no_object_weight` (inferred from it); without scipy the model has no loss module.
-    converted.pop(NO_OBJECT_WEIGHT_KEY, None)
-    if model.criterion is not None:
-        converted[NO_OBJECT_WEIGHT_KEY] = model.criterion.empty_weight
-    return load_converted(model, converted)
+    return load_with_loss_buffer(model, convert_state_dict(state_dict))

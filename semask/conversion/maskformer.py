@@ -23,15 +23,12 @@ from ..presets import maskformer_preset
 from .common import (
     ENCODER_KEY_PREFIX,
     KeyRenames,
-    check_label_count,
     convert_encoder_state_dict,
-    infer_encoder_kwargs,
+    detectron2_config_kwargs,
     key_indices,
-    load_converted,
-    raise_on_contradictions,
-    rename_key,
+    load_with_loss_buffer,
+    renamed_head_weight,
     require_key,
-    split_fused_projection,
 )
 
 ENCODER_PREFIX = "model.pixel_level_module.encoder."
@@ -66,7 +63,6 @@ HEAD_KEY_RENAMES: KeyRenames = [
 ]
 FPN_KEY = re.compile(r"sem_seg_head\.pixel_decoder\.(adapter|layer)_(\d+)\.(weight|norm\.\w+)$")
 IN_PROJ = re.compile(r"(.*_attn)\.in_proj_(weight|bias)$")
-NO_OBJECT_WEIGHT_KEY = "criterion.empty_weight"
 ENCODER_SETTINGS = {field.name for field in fields(SemaskConfig)} - {
     field.name for field in fields(SemaskMaskFormerConfig)
 }
@@ -93,24 +89,19 @@ def fpn_key(key: str, num_stages: int) -> str | None:
 
 def infer_head_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     """The `SemaskMaskFormerConfig` arguments that the original `sem_seg_head.*` / `criterion.*` weights determine
-    (decoder settings under `decoder_config`)."""
+    (with the decoder settings of `DECODER_SETTINGS` among them)."""
     mask_features = require_key(state_dict, ORIGINAL_PIXEL_DECODER + "mask_features.weight")
     queries = require_key(state_dict, PREDICTOR + "query_embed.weight")
     classifier = require_key(state_dict, PREDICTOR + "class_embed.weight")
-    decoder = {
+    kwargs = {
+        "fpn_feature_size": mask_features.shape[1],
+        "mask_feature_size": mask_features.shape[0],
         "d_model": queries.shape[1],
         "num_queries": queries.shape[0],
         "decoder_layers": len(key_indices(state_dict, rf"{re.escape(ORIGINAL_DECODER_LAYERS)}(\d+)\.")),
         "decoder_ffn_dim": require_key(state_dict, MASKFORMER_DETECTION_KEY).shape[0],
-    }
-    kwargs = {
-        "fpn_feature_size": mask_features.shape[1],
-        "mask_feature_size": mask_features.shape[0],
-        "decoder_config": decoder,
         "num_labels": classifier.shape[0] - 1,
     }
-    if NO_OBJECT_WEIGHT_KEY in state_dict:
-        kwargs["no_object_weight"] = float(f"{state_dict[NO_OBJECT_WEIGHT_KEY][-1].item():.7g}")  # float32 -> decimal
     return kwargs
 
 
@@ -132,31 +123,10 @@ def config_from_original(
     Raises:
         `CheckpointMismatchError`: a preset or override that contradicts the weights.
     """
-    head = infer_head_kwargs(state_dict)
-    num_labels = head.pop("num_labels")
-    inferred_decoder = head.pop("decoder_config")
-    check_label_count(state_dict, num_labels, "class predictor")
-    encoder = infer_encoder_kwargs(state_dict)
     chosen = maskformer_preset(preset) if preset else {}
-    chosen_encoder = chosen.pop("backbone_config", {})
-    chosen_decoder = {key: overrides.pop(key) for key in DECODER_SETTINGS if key in overrides}
-    for key in set(overrides) & ENCODER_SETTINGS:
-        chosen_encoder[key] = overrides.pop(key)
-    chosen.update(overrides)
-    raise_on_contradictions(chosen, head, num_labels)
-    raise_on_contradictions(chosen_encoder, encoder, num_labels)
-    raise_on_contradictions(chosen_decoder, inferred_decoder, num_labels)
-    id2label = chosen.pop("id2label", {index: f"LABEL_{index}" for index in range(num_labels)})
-    backbone = {"semantic_window_size": 7, **chosen_encoder, **encoder}
-    return SemaskMaskFormerConfig(
-        **{
-            **chosen,
-            **head,
-            "backbone_config": backbone,
-            "decoder_config": {**chosen_decoder, **inferred_decoder},
-            "id2label": id2label,
-        }
-    )
+    kwargs = detectron2_config_kwargs(state_dict, infer_head_kwargs(state_dict), chosen, overrides, ENCODER_SETTINGS)
+    kwargs["decoder_config"] = {key: kwargs.pop(key) for key in DECODER_SETTINGS if key in kwargs}
+    return SemaskMaskFormerConfig(**kwargs)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,11 +141,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
         if (new_key := fpn_key(key, num_stages)) is not None:
             converted[new_key] = value
             continue
-        key = rename_key(key, HEAD_KEY_RENAMES)
-        if in_proj := IN_PROJ.match(key):
-            converted |= split_fused_projection(f"{in_proj[1]}.", in_proj[2], value)
-        else:
-            converted[key] = value
+        converted |= renamed_head_weight(key, value, HEAD_KEY_RENAMES, IN_PROJ)
     return converted
 
 
@@ -185,9 +151,4 @@ def convert_maskformer_checkpoint(
     """A `SemaskMaskFormerForInstanceSegmentation` (eval mode) holding an original SeMask-MaskFormer state dict;
     arguments and errors as for `semask.conversion.fpn.convert_fpn_checkpoint`."""
     model = SemaskMaskFormerForInstanceSegmentation(config_from_original(state_dict, preset, **overrides))
-    converted = convert_state_dict(state_dict)
-    # The loss buffer follows `no_object_weight` (inferred from it); without scipy the model has no loss module.
-    converted.pop(NO_OBJECT_WEIGHT_KEY, None)
-    if model.criterion is not None:
-        converted[NO_OBJECT_WEIGHT_KEY] = model.criterion.empty_weight
-    return load_converted(model, converted)
+    return load_with_loss_buffer(model, convert_state_dict(state_dict))

@@ -52,6 +52,7 @@ from .augmentation import (
 from .init import (
     TINY_CONFIG,
     TINY_MASK2FORMER_CONFIG,
+    TINY_MASKFORMER_CONFIG,
     InitialisationReport,
     initialise_model,
     preset_config,
@@ -69,6 +70,7 @@ from .trainer import (
 __all__ = [
     "TINY_CONFIG",
     "TINY_MASK2FORMER_CONFIG",
+    "TINY_MASKFORMER_CONFIG",
     "CatMaxRatioRandomCrop",
     "EvalTransform",
     "InitialisationReport",

@@ -4,8 +4,13 @@ from dataclasses import dataclass, field
 
 from ..configuration_semask import SemaskConfig
 from ..configuration_semask_mask2former import PIXEL_DECODERS, SemaskMask2FormerConfig
+from ..configuration_semask_maskformer import SemaskMaskFormerConfig
 
-MODEL_NAMES = {SemaskConfig.model_type: "SeMask", SemaskMask2FormerConfig.model_type: "SeMask-Mask2Former"}
+MODEL_NAMES = {
+    SemaskConfig.model_type: "SeMask",
+    SemaskMask2FormerConfig.model_type: "SeMask-Mask2Former",
+    SemaskMaskFormerConfig.model_type: "SeMask-MaskFormer",
+}
 """The model kinds the training script trains (`--model_type`), with their display names."""
 
 
@@ -16,7 +21,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A SeMask or SeMask-Mask2Former model folder or Hub id (a different label set re-initialises the "
+            "help": "A SeMask, SeMask-Mask2Former or SeMask-MaskFormer model folder or Hub id (a different label set "
+            "re-initialises the "
             "class projections of the semantic layers and the classifier), or a transformers Swin checkpoint "
             "(encoder only)."
         },
@@ -25,7 +31,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Random weights in a released architecture "
-            f"({', '.join(SemaskConfig.preset_names + SemaskMask2FormerConfig.preset_names)}) or 'tiny' (a small "
+            f"({', '.join(SemaskConfig.preset_names + SemaskMask2FormerConfig.preset_names)}, "
+            f"{', '.join(SemaskMaskFormerConfig.preset_names)}) or 'tiny' (a small "
             "demo model); the label set comes from the data."
         },
     )

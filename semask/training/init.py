@@ -7,9 +7,11 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from ..configuration_semask import SemaskConfig
 from ..configuration_semask_mask2former import SemaskMask2FormerConfig
+from ..configuration_semask_maskformer import SemaskMaskFormerConfig
 from ..modelcard import encoder_config
 from ..modeling_semask import SemaskForSemanticSegmentation, load_swin, summarize_keys, swin_encoder_settings
 from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
+from ..modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentation
 from .arguments import MODEL_NAMES, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,32 @@ TINY_MASK2FORMER_CONFIG = {
 }
 """A SeMask-Mask2Former with the encoder of `TINY_CONFIG` (`--preset tiny --model_type semask_mask2former`)."""
 
+TINY_MASKFORMER_CONFIG = {
+    "backbone_config": TINY_MASK2FORMER_CONFIG["backbone_config"],
+    "fpn_feature_size": 32,
+    "mask_feature_size": 32,
+    "decoder_config": {
+        "d_model": 32,
+        "num_queries": 16,
+        "decoder_layers": 3,
+        "decoder_attention_heads": 4,
+        "decoder_ffn_dim": 64,
+    },
+}
+"""A SeMask-MaskFormer with the encoder of `TINY_CONFIG` (`--preset tiny --model_type semask_maskformer`)."""
+
 MODEL_CLASSES = {
     SemaskConfig.model_type: SemaskForSemanticSegmentation,
     SemaskMask2FormerConfig.model_type: SemaskMask2FormerForUniversalSegmentation,
+    SemaskMaskFormerConfig.model_type: SemaskMaskFormerForInstanceSegmentation,
 }
-# Where SeMask-Mask2Former keeps its SeMask-Swin encoder.
-MASK2FORMER_ENCODER = "model.pixel_level_module.encoder"
+TINY_CONFIGS = {
+    SemaskConfig.model_type: TINY_CONFIG,
+    SemaskMask2FormerConfig.model_type: TINY_MASK2FORMER_CONFIG,
+    SemaskMaskFormerConfig.model_type: TINY_MASKFORMER_CONFIG,
+}
+# Where SeMask-Mask2Former and SeMask-MaskFormer keep their SeMask-Swin encoder.
+MASK_CLASSIFICATION_ENCODER = "model.pixel_level_module.encoder"
 
 
 @dataclass
@@ -76,24 +98,30 @@ class InitialisationReport:
 
 
 def resolve_model_type(args: ModelArguments) -> str:
-    """The kind of model to train, "semask" (SeMask-FPN) or "semask_mask2former": `--model_type`, which must agree
-    with the preset's or checkpoint's kind; for "tiny", Swin checkpoints and no model it defaults to SeMask-FPN."""
+    """The kind of model to train, "semask" (SeMask-FPN), "semask_mask2former" or "semask_maskformer": `--model_type`,
+    which must agree with the preset's or checkpoint's kind; for "tiny", Swin checkpoints and no model it defaults to
+    SeMask-FPN."""
     implied, source = None, None
     if args.preset:
-        if args.preset in SemaskMask2FormerConfig.preset_names:
-            implied = SemaskMask2FormerConfig.model_type
-        elif args.preset in SemaskConfig.preset_names:
-            implied = SemaskConfig.model_type
-        elif args.preset != "tiny":
-            names = ", ".join(("tiny", *SemaskConfig.preset_names, *SemaskMask2FormerConfig.preset_names))
+        kinds = [
+            kind for kind, model_class in MODEL_CLASSES.items() if args.preset in model_class.config_class.preset_names
+        ]
+        implied = kinds[0] if kinds else None
+        if not kinds and args.preset != "tiny":
+            names = ", ".join(
+                (
+                    "tiny",
+                    *(name for model_class in MODEL_CLASSES.values() for name in model_class.config_class.preset_names),
+                )
+            )
             raise ValueError(f"Unknown preset {args.preset!r}; expected one of: {names}.")
         source = f"the preset {args.preset!r}"
     elif args.model_name_or_path:
         checkpoint_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
         if checkpoint_type not in (*MODEL_CLASSES, "swin"):
             raise ValueError(
-                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a SeMask, SeMask-Mask2Former "
-                "or Swin one."
+                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a SeMask, "
+                "SeMask-Mask2Former, SeMask-MaskFormer or Swin one."
             )
         implied = checkpoint_type if checkpoint_type in MODEL_CLASSES else None
         source = f"the checkpoint {args.model_name_or_path}"
@@ -102,11 +130,9 @@ def resolve_model_type(args: ModelArguments) -> str:
     return args.model_type or implied or SemaskConfig.model_type
 
 
-def initialise_model(
-    args: ModelArguments, id2label: dict[int, str]
-) -> tuple[SemaskForSemanticSegmentation | SemaskMask2FormerForUniversalSegmentation, InitialisationReport]:
-    """A SeMask-FPN or SeMask-Mask2Former model (`resolve_model_type`) for the label set `id2label`, from a checkpoint
-    of that kind, a Swin checkpoint, a preset or "tiny"."""
+def initialise_model(args: ModelArguments, id2label: dict[int, str]) -> tuple[PreTrainedModel, InitialisationReport]:
+    """A SeMask-FPN, SeMask-Mask2Former or SeMask-MaskFormer model (`resolve_model_type`) for the label set
+    `id2label`, from a checkpoint of that kind, a Swin checkpoint, a preset or "tiny"."""
     if args.model_name_or_path and args.preset:
         raise ValueError("Pass either --model_name_or_path or --preset, not both.")
     if not args.preset and not args.model_name_or_path:
@@ -138,8 +164,7 @@ def preset_config(preset: str, model_type: str, labels: dict[str, dict], **overr
     semantic-attention rule to this label set. A released preset's `pixel_decoder` cannot be overridden."""
     config_class = MODEL_CLASSES[model_type].config_class
     if preset == "tiny":
-        tiny = TINY_CONFIG if config_class is SemaskConfig else TINY_MASK2FORMER_CONFIG
-        return config_class(**tiny, **labels, **overrides)
+        return config_class(**TINY_CONFIGS[model_type], **labels, **overrides)
     config = config_class.from_preset(preset, **labels)
     if "pixel_decoder" in overrides and overrides["pixel_decoder"] != config.pixel_decoder:
         raise ValueError(
@@ -166,14 +191,15 @@ def _model_from_swin(
         )
         return model, InitialisationReport(source, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
     swin = load_swin(path)
-    # Encoder settings without `semantic_attention`: the config applies the original Mask2Former rule.
-    config = SemaskMask2FormerConfig(
+    # Encoder settings without `semantic_attention`: the config applies the original rule of its kind.
+    model_class = MODEL_CLASSES[model_type]
+    config = model_class.config_class(
         backbone_config=swin_encoder_settings(swin.config, **overrides), **labels, **decoder
     )
-    model = SemaskMask2FormerForUniversalSegmentation(config)
-    info = model.get_submodule(MASK2FORMER_ENCODER).load_swin_weights(swin, path)
-    fresh = [name for name in model.state_dict() if not name.startswith(f"{MASK2FORMER_ENCODER}.")]
-    fresh += [f"{MASK2FORMER_ENCODER}.{name}" for name in info["missing_keys"]]
+    model = model_class(config)
+    info = model.get_submodule(MASK_CLASSIFICATION_ENCODER).load_swin_weights(swin, path)
+    fresh = [name for name in model.state_dict() if not name.startswith(f"{MASK_CLASSIFICATION_ENCODER}.")]
+    fresh += [f"{MASK_CLASSIFICATION_ENCODER}.{name}" for name in info["missing_keys"]]
     return model, InitialisationReport(source, sorted(fresh), sorted(info["unexpected_keys"]))
 
 

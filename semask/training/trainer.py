@@ -13,6 +13,7 @@ from ..image_processing_semask import IGNORE_INDEX
 from ..inference import is_mask_classification, semantic_inference
 from ..modeling_semask import SemaskModel
 from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentationOutput
+from ..modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentationOutput
 from .arguments import RecipeArguments
 
 NO_DECAY_PARAMETER_NAMES = ("relative_position_bias_table", "position_embeddings")
@@ -33,11 +34,17 @@ MASK2FORMER_NO_DECAY_MODULES = (
 # Model outputs that evaluation neither needs nor gathers across processes.
 EVAL_IGNORED_OUTPUTS = ["semantic_logits", "semantic_priors", "hidden_states", "attentions", "semantic_attentions"]
 MASK2FORMER_EVAL_OUTPUTS = ("class_queries_logits", "masks_queries_logits")
-MASK2FORMER_EVAL_IGNORED_OUTPUTS = [
-    output.name
-    for output in fields(SemaskMask2FormerForUniversalSegmentationOutput)
-    if output.name not in MASK2FORMER_EVAL_OUTPUTS
-]
+MASK2FORMER_EVAL_IGNORED_OUTPUTS = sorted(
+    {
+        output.name
+        for output_class in (
+            SemaskMask2FormerForUniversalSegmentationOutput,
+            SemaskMaskFormerForInstanceSegmentationOutput,
+        )
+        for output in fields(output_class)
+    }
+    - set(MASK2FORMER_EVAL_OUTPUTS)
+)
 
 
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
@@ -135,8 +142,8 @@ def check_recipe(recipe: RecipeArguments, mask_classification: bool) -> None:
     """Raise a ValueError where `recipe` does not apply to the model (OHEM to mask classification models)."""
     if mask_classification and recipe.ohem:
         raise ValueError(
-            "OHEM (--ohem) applies to SeMask-FPN's per-pixel logits; SeMask-Mask2Former trains with its mask "
-            "classification losses. Train without --ohem."
+            "OHEM (--ohem) applies to SeMask-FPN's per-pixel logits; SeMask-Mask2Former and SeMask-MaskFormer train "
+            "with their mask classification losses. Train without --ohem."
         )
 
 
