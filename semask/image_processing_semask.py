@@ -365,10 +365,10 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         """Label maps (H, W) from a model's outputs, at `target_sizes` (the original image sizes) when given.
 
         Outputs with `logits` (SeMask-FPN): Segformer's post-processing (logits resized to the target size).
-        Mask classification outputs (SeMask-Mask2Former, `masks_queries_logits`): the original semantic inference
-        (`semask.inference.semantic_inference`) over the image as this processor's settings resize it, so the
-        padding the model added is cropped, then resized bilinearly to the target size; without target sizes,
-        over the whole padded input.
+        Mask classification outputs (SeMask-MaskFormer, SeMask-Mask2Former: `masks_queries_logits`): the original
+        semantic inference (`semask.inference.semantic_inference`) over the image as this processor's settings resize
+        it, so the padding the model added is cropped, then resized bilinearly to the target size; without target
+        sizes, over the whole padded input.
         """
         if getattr(outputs, "masks_queries_logits", None) is None:
             return super().post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores)

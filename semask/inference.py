@@ -1,8 +1,8 @@
 """Evaluation-time inference as in the original SeMask code (mmsegmentation 0.x `EncoderDecoder`, detectron2).
 
 Works with any model whose output has `logits` (B, C, h, w), e.g. every `AutoModelForSemanticSegmentation`, and with
-mask classification models (Mask2Former, SeMask-Mask2Former), whose per-class scores are the original semantic
-inference (`semantic_inference`). Per-class scores (`class_scores`) are:
+mask classification models (MaskFormer, Mask2Former and their SeMask variants), whose per-class scores are the
+original semantic inference (`semantic_inference`). Per-class scores (`class_scores`) are:
 
 - whole: the model's scores at the network input, resized (bilinear) to the image's original size;
 - slide: overlapping crops (`crop_size`, `stride`), each crop's input-size scores summed and divided by the

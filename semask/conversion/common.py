@@ -1,5 +1,6 @@
-"""What the SeMask-FPN and SeMask-Mask2Former converters share: reading original checkpoints safely, the errors, the
-SeMask-Swin encoder (`backbone.*` keys: renames and the settings its weights fix) and the checks of the result."""
+"""What the SeMask-FPN, SeMask-MaskFormer and SeMask-Mask2Former converters share: reading original checkpoints
+safely, the errors, the SeMask-Swin encoder (`backbone.*` keys: renames and the settings its weights fix), the
+detectron2 heads' settings and the checks of the result."""
 
 import pickle
 import re
@@ -89,8 +90,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not any(key.startswith(ENCODER_KEY_PREFIX) for key in state_dict):
         raise CheckpointMismatchError(
             f"{path} is not an original SeMask-FPN checkpoint (a state dict with `backbone.*` and `decode_head.*` "
-            "keys, or a dict holding one under 'state_dict') nor a SeMask-Mask2Former one (`backbone.*` and "
-            "`sem_seg_head.*` keys, under 'model')."
+            "keys, or a dict holding one under 'state_dict') nor a SeMask-MaskFormer / SeMask-Mask2Former one "
+            "(`backbone.*` and `sem_seg_head.*` keys, under 'model')."
         )
     return state_dict
 
