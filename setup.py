@@ -23,11 +23,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["accelerate>=1.10", "datasets>=4", "matplotlib", "scipy"],
+        "train": ["accelerate>=1.10", "datasets>=4", "matplotlib", "scipy", "evaluate>=0.4"],
         "export": ["onnx>=1.18", "onnxruntime>=1.22", "onnxscript>=0.6"],
         "dev": [
             "pytest",
             "ruff",
+            "hypothesis>=6",
+            "evaluate>=0.4",
             "accelerate>=1.10",
             "datasets>=4",
             "matplotlib",
