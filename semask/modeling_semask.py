@@ -779,13 +779,19 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.config.align_corners)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the resized `logits`, reduced by `config.loss_reduction` (with gradient checkpointing the
-        full-resolution logits are recomputed in the backward pass rather than kept)."""
-        logits = self.upsampled(logits, labels.shape[-2:])
-        ignore_index = self.config.semantic_loss_ignore_index
-        if self.config.loss_reduction == "valid_pixels":
-            return F.cross_entropy(logits, labels, ignore_index=ignore_index)
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
+        """Cross-entropy of the resized `logits` (the `ignore_index` pixels count 0), reduced by
+        `config.loss_reduction`: over all pixels or over the valid ones (with gradient checkpointing the
+        full-resolution logits are recomputed in the backward pass rather than kept).
+
+        `F.cross_entropy`'s values, computed channels-last: the log-softmax runs over contiguous class scores and
+        the full-resolution map is never copied into another layout.
+        """
+        logits = self.upsampled(logits.contiguous(memory_format=torch.channels_last), labels.shape[-2:])
+        log_probabilities = logits.permute(0, 2, 3, 1).log_softmax(dim=-1)
+        valid = labels != self.config.semantic_loss_ignore_index
+        picked = log_probabilities.gather(-1, labels.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)
+        total = -picked.masked_fill(~valid, 0).sum()
+        return total / (valid.sum() if self.config.loss_reduction == "valid_pixels" else labels.numel())
 
 
 class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):

@@ -208,7 +208,7 @@ def test_mask2former_defaults_and_explicit_flags(tmp_path, tiny_model):
         [*options, "--max_grad_norm", "1", "--backbone_lr_multiplier", "1", "--warmup_steps", "5"]
     )
     assert (args.max_grad_norm, recipe.backbone_lr_multiplier, args.warmup_steps) == (1, 1, 5)
-    processor = script.build_image_processor("ade20k", True, recipe, mask2former=True)
+    processor = script.build_image_processor("ade20k", True, recipe, mask_classification=True)
     assert processor.size == {"shortest_edge": 640, "longest_edge": 2560} and processor.resize_library == "pil"
 
     # a SeMask-Mask2Former checkpoint on the demo data: the Mask2Former defaults, and no "tiny" preset added
