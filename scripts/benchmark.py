@@ -1,6 +1,8 @@
 """Speed, memory and FLOPs of SeMask-FPN against its plain Swin-FPN baseline, UperNet+Swin and Segformer, in one run.
 
     .venv/bin/python scripts/benchmark.py --sizes tiny --resolutions 512 --threads 2 --markdown results.md
+    .venv/bin/python scripts/benchmark.py --device cuda --tasks train --batch-sizes 8 --models semask swin-fpn \\
+        --dtypes fp32 bf16 --compile off on --checkpointing off on --markdown train-gpu.md
 
 Every case runs in its own subprocess (so peak memory is the case's own) with random weights: latency (median,
 min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
@@ -67,6 +69,7 @@ class Case:
     dtype: str  # "fp32" or "bf16" (autocast)
     compile: bool
     checkpointing: bool
+    device: str = "cpu"  # "cpu" or "cuda"
 
 
 def build_model(case: Case) -> torch.nn.Module:
@@ -109,9 +112,16 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
-def default_device() -> str:
-    """The device the cases run on: the GPU where there is one, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str) -> str:
+    """The device the cases run on: `device`, or for "auto" the GPU where there is one, else the CPU; an error
+    naming the problem for "cuda" without a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: no CUDA GPU is available to this process (torch.cuda.is_available() is False)."
+        )
+    return device
 
 
 @functools.cache
@@ -129,6 +139,11 @@ def gemm_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int 
     step()
     best = min(_timed(step, device) for _ in range(repeats))
     return calls * 2 * size**3 / best / 1e9
+
+
+def device_name(device: str) -> str:
+    """The device as the table header names it, e.g. "cuda (NVIDIA H200)" or "cpu"."""
+    return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else "cpu"
 
 
 def _timed(step, device: str) -> float:
@@ -165,7 +180,7 @@ def cpu_peak_tensor_mb(step, live_before: int) -> float:
 def run_case(case: Case, warmup: int, runs: int) -> dict:
     """Measure one case in this process: FLOPs, latencies and peak memory."""
     torch.manual_seed(0)
-    device = default_device()
+    device = case.device
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build_model(case).to(device)
     if case.checkpointing:
@@ -275,7 +290,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
             # leaves `_supports_sdpa` at False, so attn_implementation="sdpa" raises a ValueError
             attention = "eager"
         resolution = CROP_SIZES[size] if resolution == "crop" else int(resolution)
-        case = Case(model, size, resolution, batch, task, attention, dtype, compiled, checkpointing)
+        case = Case(model, size, resolution, batch, task, attention, dtype, compiled, checkpointing, args.device)
         if case not in cases:
             cases.append(case)
     return cases
@@ -343,6 +358,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32"])
     parser.add_argument("--compile", nargs="+", type=lambda v: v == "on", default=[False], help="off and/or on")
     parser.add_argument("--checkpointing", nargs="+", type=lambda v: v == "on", default=[False], help="off / on")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the cases run (auto: the GPU if any)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(run_case(Case(**json.loads(args.case)), args.warmup, args.runs)))
         return
-    device = default_device()
+    args.device = device = resolve_device(args.device)
     peaks = {"fp32": gemm_gflops(device, torch.float32)}
     if "bf16" in args.dtypes:
         peaks["bf16"] = gemm_gflops(device, torch.bfloat16)
@@ -378,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     header = (
-        f"Command: `{command}`\n\ntorch {torch.__version__}, {args.threads} threads, GEMM rate at the start "
+        f"Command: `{command}`\n\ntorch {torch.__version__}, {device_name(device)}, {args.threads} threads, "
+        "GEMM rate at the start "
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
         + "; percent_of_gemm uses the GEMM rate measured in each case's process after its timed runs"
         + f" (gemm_gflop_per_s); time_ratio = median time / {args.reference}'s in the same setting.\n\n"

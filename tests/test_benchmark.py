@@ -218,3 +218,12 @@ def test_benchmark_runs_a_case_in_a_subprocess_end_to_end(tmp_path):
     assert row["percent_of_gemm"] == pytest.approx(100 * row["gflops"] / row["median_s"] / row["gemm_gflop_per_s"])
     table = markdown_path.read_text()
     assert table.startswith("Command: `python scripts/benchmark.py") and "| swin-fpn | tiny | 64 |" in table
+
+
+def test_device_choice_and_a_clear_refusal_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark.resolve_device("auto") == "cpu" and benchmark.resolve_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA GPU is available"):
+        benchmark.resolve_device("cuda")
+    args = benchmark.parse_args(["--device", "cpu", "--tasks", "train", "--models", "semask", "swin-fpn"])
+    assert {case.device for case in benchmark.cases_from_args(args)} == {"cpu"}
