@@ -230,22 +230,20 @@ class SemaskSemanticAttention(nn.Module):
         return hidden_states + self.gamma * self.dropout(self.o_proj(attn_output))
 
 
-class SemaskSemanticLayer(GradientCheckpointingLayer):
-    """LayerNorm, then semantic attention blocks over non-shifted windows (or over all tokens when global).
+class SemaskSemanticBlocks(GradientCheckpointingLayer):
+    """Semantic attention blocks over non-shifted windows (or over all tokens when global).
 
-    Windowed mode pads the normed map right/bottom to a multiple of the window; padded tokens are not masked.
-    Returns the new token stream (which starts from the normed input) and the last block's prior map.
+    Windowed mode pads the map right/bottom to a multiple of the window; padded tokens are not masked. Returns the
+    new token stream and the last block's prior map.
     """
 
-    def __init__(self, config: SemaskConfig, dim: int, num_blocks: int, window_size: int | None):
+    def __init__(self, config: PreTrainedConfig, dim: int, num_blocks: int, window_size: int | None):
         super().__init__()
         self.config = config
-        self.layernorm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList([SemaskSemanticAttention(config, dim) for _ in range(num_blocks)])
         self.window_size = window_size
 
     def forward(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states = self.layernorm(hidden_states)
         if self.window_size is not None:
             hidden_states = self._partition_windows(hidden_states, size)
         for block in self.blocks:
@@ -267,6 +265,18 @@ class SemaskSemanticLayer(GradientCheckpointingLayer):
         padded_size = padded_to(size, window)
         merged = window_reverse(windows.view(-1, window, window, channels), window, *padded_size)
         return crop_map(merged, size).view(merged.shape[0], size[0] * size[1], channels)
+
+
+class SemaskSemanticLayer(SemaskSemanticBlocks):
+    """The semantic layer of a SeMask-Swin stage: LayerNorm, then the semantic attention blocks; the new token
+    stream starts from the normed input."""
+
+    def __init__(self, config: SemaskConfig, dim: int, num_blocks: int, window_size: int | None):
+        super().__init__(config, dim, num_blocks, window_size)
+        self.layernorm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(self.layernorm(hidden_states), size)
 
 
 class SemaskSwinAttention(SwinAttention):
