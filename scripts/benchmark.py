@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from semask import SemaskConfig, SemaskForSemanticSegmentation
+from semask.allocator import keep_freed_memory
 from semask.presets import SWIN_SIZES
 
 MODELS = ("semask", "swin-fpn", "upernet-swin", "segformer")
@@ -246,6 +247,7 @@ def run_case(case: Case, warmup: int, runs: int) -> dict:
 def run_in_subprocess(case: Case, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--case", json.dumps(asdict(case))]
     command += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--runs", str(args.runs)]
+    command += ["--keep-freed-memory"] if args.keep_freed_memory else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -362,6 +364,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the cases run (auto: the GPU if any)"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse in every case (semask.allocator.keep_freed_memory): no page faults "
+        "from large activations mapped afresh each step",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
@@ -376,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.case:
         print(json.dumps(run_case(Case(**json.loads(args.case)), args.warmup, args.runs)))
         return
@@ -397,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     header = (
         f"Command: `{command}`\n\ntorch {torch.__version__}, {device_name(device)}, {args.threads} threads, "
-        "GEMM rate at the start "
+        + ("freed memory kept for reuse, " if args.keep_freed_memory else "")
+        + "GEMM rate at the start "
         + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
         + "; percent_of_gemm uses the GEMM rate measured in each case's process after its timed runs"
         + f" (gemm_gflop_per_s); time_ratio = median time / {args.reference}'s in the same setting.\n\n"
