@@ -11,6 +11,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["semask", "semask.*"]),
+    # the local `evaluate` metric modules (`semask.metrics.EVALUATE_MEAN_IOU`): scripts evaluate copies, not a package
+    package_data={"semask": ["evaluate_metrics/*/*.py"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -11,9 +11,13 @@ mmsegmentation 0.x (`mmseg/core/evaluation/metrics.py`, used by the original SeM
 Differences: predictions or references outside `[0, num_labels)` at non-ignored pixels raise an error here, where
 mmseg and evaluate silently leave them out of their histograms; counts are exact int64 (mmseg and evaluate use
 float64 histograms); no `label_map` / `reduce_labels` (the image processor reduces labels before this).
+
+`EVALUATE_MEAN_IOU` is the same metric as a local `evaluate` module with the Hub `mean_iou`'s interface (including
+`label_map` and `reduce_labels`): `evaluate.load(EVALUATE_MEAN_IOU)`, offline.
 """
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,13 +27,19 @@ from transformers import EvalPrediction
 
 TRAINER_LABEL_PAD_VALUE = -100
 """The value `Trainer` pads labels with when it gathers them across processes (`pad_across_processes`)."""
+EVALUATE_MEAN_IOU = str(Path(__file__).with_name("evaluate_metrics") / "mean_iou")
+"""The local `evaluate` module folder of this metric: `evaluate.load(EVALUATE_MEAN_IOU)` (see its docstring)."""
 
 Metrics = dict[str, float | list[float]]
 
 
 def _as_class_ids(values: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """`values` as an int64 tensor (a tensor stays on its device); floating-point input is an error."""
-    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if isinstance(values, torch.Tensor):
+        tensor = values
+    else:
+        array = np.asarray(values)  # read-only for a PIL image: copied (torch warns about sharing read-only memory)
+        tensor = torch.as_tensor(array if array.flags.writeable else array.copy())
     if tensor.is_floating_point() or tensor.is_complex():
         raise TypeError(
             f"{name} must be integer class ids, got dtype {tensor.dtype}; "
@@ -62,21 +72,38 @@ class SegmentationMetric:
         """Forget everything accumulated so far."""
         self.confusion_matrix = torch.zeros_like(self.confusion_matrix)
 
-    def update(self, predictions: torch.Tensor | np.ndarray, references: torch.Tensor | np.ndarray) -> None:
-        """Add predicted label maps and their references (integer arrays or tensors of the same shape, any rank)."""
+    def update(
+        self,
+        predictions: torch.Tensor | np.ndarray,
+        references: torch.Tensor | np.ndarray,
+        counts: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Add predicted label maps and their references (integer arrays or tensors of the same shape, any rank).
+
+        Args:
+            counts: How many pixels each (prediction, reference) element stands for (non-negative integers of the
+                same shape), to add a histogram of label pairs instead of the pixels; default one pixel each.
+        """
         predictions = _as_class_ids(predictions, "predictions")
         references = _as_class_ids(references, "references").to(predictions.device)
-        if predictions.shape != references.shape:
-            raise ValueError(
-                f"predictions and references must have the same shape, got {tuple(predictions.shape)} and "
-                f"{tuple(references.shape)}"
-            )
+        counts = None if counts is None else _as_class_ids(counts, "counts").to(predictions.device)
+        shapes = [tuple(tensor.shape) for tensor in (predictions, references, counts) if tensor is not None]
+        if len(set(shapes)) > 1:
+            names = "predictions and references" if counts is None else "predictions, references and counts"
+            raise ValueError(f"{names} must have the same shape, got {' and '.join(map(str, shapes))}")
+        if counts is not None and (counts < 0).any():
+            raise ValueError("counts must be non-negative numbers of pixels")
         valid = references != self.ignore_index
         references, predictions = references[valid], predictions[valid]
         self._check_class_ids(references, "references", f" (ignore_index {self.ignore_index} is also allowed)")
         self._check_class_ids(predictions, "predictions at non-ignored pixels", "")
-        counts = torch.bincount(references * self.num_labels + predictions, minlength=self.num_labels**2)
-        self.confusion_matrix = self.confusion_matrix.to(counts.device) + counts.view_as(self.confusion_matrix)
+        codes = references * self.num_labels + predictions
+        if counts is None:
+            added = torch.bincount(codes, minlength=self.num_labels**2)
+        else:
+            added = torch.zeros(self.num_labels**2, dtype=torch.int64, device=codes.device)
+            added.index_add_(0, codes, counts[valid])
+        self.confusion_matrix = self.confusion_matrix.to(added.device) + added.view_as(self.confusion_matrix)
 
     def _check_class_ids(self, values: torch.Tensor, name: str, allowed_note: str) -> None:
         out_of_range = values[(values < 0) | (values >= self.num_labels)]

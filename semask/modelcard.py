@@ -5,12 +5,15 @@ image processor saved in the folder, or the dataset's original test pipeline), t
 converted checkpoints, the user's evaluation results, usage snippets, the licenses and the citation.
 """
 
+import math
 import numbers
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import PreTrainedConfig
 
 from .configuration_semask import SemaskConfig, settings_equal
@@ -49,7 +52,7 @@ MODEL_INDEX_METRICS = {"mean_iou": "Mean IoU", "mean_accuracy": "Mean accuracy",
 
 class DatasetInfo(NamedTuple):
     title: str
-    hub_id: str  # the name used in the `datasets` metadata
+    hub_id: str | None  # the Hub id of the `datasets` metadata and the model-index (None: the name is not one)
     split: str | None  # the split the original numbers were measured on
 
 
@@ -137,9 +140,11 @@ def write_model_card(
     Args:
         preset: the released model this folder was converted from (e.g. "semask-tiny-fpn-ade20k"); adds the
             original paper's numbers. The config must match the preset's architecture and labels.
-        eval_results: Trainer-style metrics, e.g. `{"eval_mean_iou": 0.61, "eval_per_category_iou": [...]}`.
-        dataset_name: the dataset the model was trained or evaluated on (a Hub id or a name).
-        base_model: the checkpoint the model was fine-tuned from (Hub id).
+        eval_results: Trainer-style metrics, e.g. `{"eval_mean_iou": 0.61, "eval_per_category_iou": [...]}`; the
+            finite mIoU and accuracies also go into the `model-index` when the dataset has a Hub id.
+        dataset_name: the dataset the model was trained or evaluated on: a Hub id (also in the `datasets` metadata,
+            the tags and the model-index) or a descriptive name (only in the text).
+        base_model: the checkpoint the model was fine-tuned from (Hub model id).
         training_summary: free text (Markdown) about the training run.
         model_id: the name used in the usage snippets (default: the folder's name).
         overwrite: replace an existing README.md (otherwise `FileExistsError`).
@@ -154,21 +159,25 @@ def write_model_card(
             f"The config does not match preset {preset!r} (different {', '.join(different)}); the preset's reported "
             "numbers would not describe this model. Pass preset=None."
         )
+    if base_model is not None and not _is_hub_id(base_model):
+        raise ValueError(f"base_model must be a Hub model id (the card's metadata links to it), got {base_model!r}")
     model_id = model_id or save_directory.resolve().name
     processor = _saved_or_default_processor(save_directory, dataset_key, config)
-    eval_dataset = _eval_dataset(dataset_name, dataset_key)
+    dataset_id = dataset_name if dataset_name and _is_hub_id(dataset_name) else None
+    eval_dataset = DatasetInfo(dataset_name, dataset_id, None) if dataset_name else DATASETS.get(dataset_key)
+    reported = _reported_eval_results(preset) if preset else []
+    model_index = reported + _trainer_eval_results(eval_results or {}, eval_dataset)
 
     card_data = ModelCardData(
-        model_name=model_id,
+        model_name=model_id if model_index else None,  # the model-index's name (not a metadata field of its own)
         library_name="transformers",
         pipeline_tag="image-segmentation",
         license=ORIGINAL_WEIGHTS_LICENSE if preset else CODE_LICENSE,
-        tags=["semask", "semantic-segmentation", "custom_code", "vision"] + _dataset_tags(dataset_key, dataset_name),
-        datasets=_metadata_datasets(dataset_key, dataset_name) or None,
+        tags=["semask", "semantic-segmentation", "custom_code", "vision"] + _dataset_tags(dataset_key, dataset_id),
+        datasets=_metadata_datasets(dataset_key, dataset_id) or None,
         base_model=base_model,
         metrics=["mean_iou"],
-        eval_results=(_reported_eval_results(preset) if preset else [])
-        + _trainer_eval_results(eval_results or {}, eval_dataset),
+        eval_results=model_index or None,  # no empty model-index
     )
     sections = [
         _introduction(model_id, config, preset, base_model),
@@ -547,22 +556,25 @@ def _saved_or_default_processor(
     return SemaskImageProcessor.from_dataset(dataset_key) if dataset_key else SemaskImageProcessor()
 
 
-def _eval_dataset(dataset_name: str | None, dataset_key: str | None) -> DatasetInfo | None:
-    if dataset_name:
-        return DatasetInfo(dataset_name, dataset_name, None)
-    return DATASETS[dataset_key] if dataset_key else None
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub repository id ("name" or "namespace/name"), as the metadata needs."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
-def _dataset_tags(dataset_key: str | None, dataset_name: str | None) -> list[str]:
+def _dataset_tags(dataset_key: str | None, dataset_id: str | None) -> list[str]:
     tags = [dataset_key] if dataset_key else []
-    if dataset_name and dataset_name.split("/")[-1] not in tags:
-        tags.append(dataset_name.split("/")[-1])
+    if dataset_id and dataset_id.split("/")[-1] not in tags:
+        tags.append(dataset_id.split("/")[-1])
     return tags
 
 
-def _metadata_datasets(dataset_key: str | None, dataset_name: str | None) -> list[str]:
+def _metadata_datasets(dataset_key: str | None, dataset_id: str | None) -> list[str]:
     names = [DATASETS[dataset_key].hub_id] if dataset_key else []
-    return names + [dataset_name] if dataset_name and dataset_name not in names else names
+    return names + [dataset_id] if dataset_id and dataset_id not in names else names
 
 
 def _reported_eval_results(preset: str) -> list[EvalResult]:
@@ -587,9 +599,10 @@ def _reported_eval_results(preset: str) -> list[EvalResult]:
 
 
 def _trainer_eval_results(eval_results: dict, dataset: DatasetInfo | None) -> list[EvalResult]:
-    """The scalar metrics for the model-index; the split is left unstated (it is not known), which also keeps them
-    apart from the reported numbers, which the Hub would otherwise group under the original README as source."""
-    if dataset is None:
+    """The finite scalar metrics for the model-index, when the dataset has a Hub id; the split is left unstated (it
+    is not known), which also keeps them apart from the reported numbers, which the Hub would otherwise group under
+    the original README as source."""
+    if dataset is None or dataset.hub_id is None:
         return []
     return [
         EvalResult(
@@ -602,7 +615,9 @@ def _trainer_eval_results(eval_results: dict, dataset: DatasetInfo | None) -> li
             metric_value=float(value),
         )
         for key, value in eval_results.items()
-        if (metric := key.removeprefix("eval_")) in MODEL_INDEX_METRICS and isinstance(value, numbers.Real)
+        if (metric := key.removeprefix("eval_")) in MODEL_INDEX_METRICS
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
     ]
 
 

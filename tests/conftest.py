@@ -19,7 +19,7 @@ MASK2FORMER_FIXTURES = FIXTURES / "original_semask_mask2former"
 
 def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HOME", str(config.rootpath / ".pytest_cache" / "hf_home"))
+    os.environ.setdefault("HF_HOME", str(config.rootpath / ".test-cache" / "hf_home"))  # no ".py" in it: see evaluate
     torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 

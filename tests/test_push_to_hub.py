@@ -1,15 +1,41 @@
 """`semask-convert --push-to-hub`: what is uploaded, offline, with the Hub client mocked."""
 
+from pathlib import Path
 from unittest import mock
 
 import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
+from test_hub_metadata import check_hub_metadata
 
 from conftest import fpn_fixture_dir
 from semask.conversion import main
 
 REPO = "me/semask-fixture"
+# model kind -> (its original fixture checkpoint, the options it needs: NHEADS is not in MaskFormer's weights)
+CHECKPOINTS = {
+    "fpn": lambda: (fpn_fixture_dir("tiny-windowed") / "original_checkpoint.pth", []),
+    "maskformer": lambda: (
+        Path(__file__).parent / "fixtures" / "original_semask_maskformer" / "tiny" / "original_checkpoint.pth",
+        ["--decoder-attention-heads", "4"],
+    ),
+}
+# Every file of each upload: the model's `push_to_hub` (weights, config, the code its `auto_map` needs) and the
+# processor's; both add transformers' generic README.md, which the folder's card then replaces.
+SEMASK_CODE = {"configuration_semask.py", "modeling_semask.py", "cpu_inference.py", "presets.py", "sizes.py"}
+MODEL_FILES = {
+    "fpn": {"README.md", "config.json", "model.safetensors", *SEMASK_CODE},
+    "maskformer": {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        *SEMASK_CODE,
+        "configuration_semask_maskformer.py",
+        "modeling_semask_maskformer.py",
+        "modeling_semask_mask_classification.py",
+    },
+}
+PROCESSOR_FILES = {"README.md", "preprocessor_config.json", "image_processing_semask.py", "inference.py", "presets.py"}
 
 
 @pytest.fixture
@@ -25,33 +51,32 @@ def fake_hub():
         yield fake
 
 
-def convert(output, *extra):
-    checkpoint = fpn_fixture_dir("tiny-windowed") / "original_checkpoint.pth"
-    return main(["--checkpoint", str(checkpoint), "--output", str(output), *extra])
+def convert(output, *extra, kind="fpn"):
+    checkpoint, options = CHECKPOINTS[kind]()
+    return main(["--checkpoint", str(checkpoint), "--output", str(output), *options, *extra])
 
 
-def test_push_uploads_model_processor_and_card(fake_hub, tmp_path, capsys):
+@pytest.mark.parametrize("kind", sorted(CHECKPOINTS))
+def test_push_uploads_model_processor_and_card(fake_hub, tmp_path, capsys, kind):
     output = tmp_path / "out"
-    assert convert(output, "--push-to-hub", REPO, "--private") == 0
+    assert convert(output, "--push-to-hub", REPO, "--private", kind=kind) == 0
     assert f"Pushed to https://huggingface.co/{REPO}" in capsys.readouterr().out
     assert fake_hub.create_repo.call_args_list[0] == mock.call(REPO, private=True, exist_ok=True)
 
     commits = [call.kwargs for call in fake_hub.create_commit.call_args_list]
     assert [commit["repo_id"] for commit in commits] == [REPO, REPO]
     model_files, processor_files = ({op.path_in_repo for op in commit["operations"]} for commit in commits)
-    assert {"config.json", "model.safetensors", "configuration_semask.py", "modeling_semask.py"} <= model_files
-    assert {"preprocessor_config.json", "image_processing_semask.py"} <= processor_files
-    assert "model.safetensors" not in processor_files
+    assert model_files == MODEL_FILES[kind] and processor_files == PROCESSOR_FILES
 
     # the last upload replaces transformers' generic README.md with the folder's model card
+    assert [call.kwargs["path_in_repo"] for call in fake_hub.upload_file.call_args_list] == ["README.md"]
     upload = fake_hub.upload_file.call_args.kwargs
-    assert (upload["repo_id"], upload["path_in_repo"]) == (REPO, "README.md")
-    assert upload["path_or_fileobj"] == output / "README.md"
+    assert (upload["repo_id"], upload["path_or_fileobj"]) == (REPO, output / "README.md")
+    assert [name for name, *_ in fake_hub.method_calls][-1] == "upload_file"
     card = ModelCard((output / "README.md").read_text())  # `ModelCard.load` is mocked here
-    assert card.data.model_name == REPO and f'from_pretrained("{REPO}")' in card.text
-    local = {path.name for path in output.iterdir()}
-    assert {"README.md", "preprocessor_config.json", "model.safetensors"} <= local
-    assert local <= model_files | processor_files  # every file of the folder went up
+    assert card.text.startswith(f"\n# {REPO}\n") and f'from_pretrained("{REPO}")' in card.text
+    check_hub_metadata(output / "README.md")
+    assert {path.name for path in output.iterdir()} == model_files | processor_files  # the folder, nothing else
 
 
 def test_failed_push_keeps_the_converted_folder(tmp_path, capsys):
