@@ -13,6 +13,7 @@ The dataset options are those of `semask.data.DatasetArguments`; label names def
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from semask.cli import MODES, load_model
-from semask.data import DatasetArguments, load_segmentation_data, validate_segmentation_data
+from semask.cli import MODES, CliError, load_model
+from semask.data import DatasetArguments, DatasetValidationError, load_segmentation_data, validate_segmentation_data
 from semask.image_processing_semask import upright_rgb
 from semask.inference import MS_FLIP_SCALES, predict_probabilities
+from semask.label_files import LabelsFileError
 from semask.metrics import SegmentationMetric
 from semask.training import label_map
+
+
+class OptionError(ValueError):
+    """Options that cannot work together, or with the model and data (reported as `error: <message>`)."""
 
 
 @dataclass
@@ -44,13 +50,17 @@ class EvaluationArguments:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}.")
+            raise OptionError(f"--mode must be one of {MODES}, got {self.mode!r}.")
         if self.split not in ("train", "validation"):
-            raise ValueError(f"--split must be 'train' or 'validation', got {self.split!r}.")
+            raise OptionError(f"--split must be 'train' or 'validation', got {self.split!r}.")
         if self.mode == "slide" and not self.crop_size:
-            raise ValueError("--mode slide needs --crop_size (e.g. the training crop, 512).")
-        if self.output_json and Path(self.output_json).exists() and not self.overwrite:
-            raise ValueError(f"{self.output_json} exists; pass --overwrite to replace it.")
+            raise OptionError("--mode slide needs --crop_size (e.g. the training crop, 512).")
+        if self.output_json:
+            output = Path(self.output_json)
+            if output.exists() and not self.overwrite:
+                raise OptionError(f"{output} exists; pass --overwrite to replace it.")
+            if not output.parent.is_dir() or not os.access(output.parent, os.W_OK | os.X_OK):
+                raise OptionError(f"Cannot write --output_json {output}: {output.parent} is not a writable folder.")
 
 
 def inference_options(args: EvaluationArguments) -> dict:
@@ -83,7 +93,7 @@ def evaluate(args: EvaluationArguments, data_args: DatasetArguments) -> dict:
         data_args.reduce_labels = processor.do_reduce_labels
     data = load_segmentation_data(data_args, splits=(args.split,), default_id2label=model.config.id2label)
     if data.num_labels != model.config.num_labels:
-        raise ValueError(
+        raise OptionError(
             f"The dataset has {data.num_labels} labels but {args.model} predicts {model.config.num_labels}; "
             "pass the model's label set (--labels_file) or a matching dataset."
         )
@@ -94,9 +104,10 @@ def evaluate(args: EvaluationArguments, data_args: DatasetArguments) -> dict:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     metric = SegmentationMetric(data.num_labels)
     options = inference_options(args)
-    for example in tqdm(dataset, desc=f"Evaluating ({args.mode})", unit="image"):
+    for index, example in enumerate(tqdm(dataset, desc=f"Evaluating ({args.mode})", unit="image")):
         probabilities = predict_probabilities(model, processor, upright_rgb(example["image"]), **options)
-        metric.update(probabilities.argmax(0).cpu(), torch.from_numpy(label_map(example["label"], processor)))
+        reference = label_map(example["label"], processor, data.num_labels, f"{args.split} label map #{index}")
+        metric.update(probabilities.argmax(0).cpu(), torch.from_numpy(reference))
     results = metric.compute()
     print(format_table(results, data.id2label))
     if args.output_json:
@@ -106,9 +117,14 @@ def evaluate(args: EvaluationArguments, data_args: DatasetArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Evaluate; a model that does not load, unusable data or bad options exit with `error: <message>`, status 2."""
     parser = HfArgumentParser((EvaluationArguments, DatasetArguments), allow_abbrev=False)
-    args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    return evaluate(args, data_args)
+    try:
+        args, data_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+        return evaluate(args, data_args)
+    except (CliError, DatasetValidationError, LabelsFileError, OptionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

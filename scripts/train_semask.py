@@ -17,10 +17,16 @@ SeMask-L MaskFormer config's (`MASKFORMER_DEFAULTS`, the same test-time resize).
 demo-sized settings (`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets the model,
 its image processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay PNGs of a few
 validation predictions (`predictions/`).
+
+`--resume_from_checkpoint OUTPUT_DIR/checkpoint-N` (or `True`: the newest checkpoint in `--output_dir`) continues an
+interrupted run where it stopped (weights, optimiser, schedule and random states), reaching the weights of an
+uninterrupted run; a truncated or corrupt checkpoint is refused before training, naming the newest intact earlier one.
+A NaN or infinite training loss stops the run before the weights take it in, naming the step and the batch.
 """
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +63,7 @@ from semask.training import (
     pad_collate,
     resolve_model_type,
 )
+from semask.training.trainer import CheckpointError, NonFiniteLossError, resolve_resume_checkpoint
 
 matplotlib.use("Agg")
 from matplotlib import pyplot  # noqa: E402  (after choosing the non-interactive backend)
@@ -168,6 +175,11 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, 
         args=argv, look_for_args_file=False
     )
     check_recipe(recipe, mask_classification=mask_classification)
+    if training_args.fp16 and training_args.device.type == "cpu":
+        raise SystemExit(
+            "--fp16 on the CPU: accelerate autocasts to fp16 only on accelerators, so training would run in float32; "
+            "pass --bf16 True (CPU autocast) instead, or train on a GPU."
+        )
     # Required by the data pipeline (the "image"/"label" columns feed set_transform) and the streaming metric.
     training_args.remove_unused_columns = False
     training_args.batch_eval_metrics = True
@@ -187,13 +199,20 @@ def build_image_processor(
 
 
 def check_output_dir(training_args: TrainingArguments) -> None:
-    """Refuse to write into a non-empty folder unless resuming a run there (nothing the user had is replaced)."""
+    """Refuse to write into a non-empty folder unless resuming a run there (nothing the user had is replaced), and
+    create the folder now, so that one that cannot be written to is reported before training, not after it."""
     output_dir = Path(training_args.output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not training_args.resume_from_checkpoint:
         raise SystemExit(
             f"{output_dir} exists and is not empty: choose a new --output_dir, or pass --resume_from_checkpoint "
             "to continue a run saved there."
         )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # an existing file, a path under a file, no permission
+        raise SystemExit(f"Cannot create --output_dir {output_dir}: {error.strerror or error}") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise SystemExit(f"Cannot write to --output_dir {output_dir}: permission denied")
 
 
 def plot_training_curves(log_history: list[dict], path: Path) -> None:
@@ -264,13 +283,17 @@ def dataset_title(dataset_name: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, evaluate and save; returns the final evaluation metrics. Unusable data (a `DatasetValidationError`
-    or `LabelsFileError`, also when training reaches a file that cannot be decoded) exits with `error: <message>`
-    on stderr, status 2."""
+    or `LabelsFileError`, also when training reaches a file that cannot be decoded) or an unusable
+    `--resume_from_checkpoint` (`CheckpointError`) exits with `error: <message>` on stderr, status 2; a non-finite
+    training loss (`NonFiniteLossError`, naming the step and batch) with status 1."""
     try:
         return train(argv)
-    except (DatasetValidationError, LabelsFileError) as error:
+    except (DatasetValidationError, LabelsFileError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def train(argv: list[str] | None = None) -> dict[str, float]:
@@ -281,6 +304,10 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
         logging.getLogger().setLevel(logging.WARNING)
     transformers.logging.set_verbosity(training_args.get_process_log_level())
     check_output_dir(training_args)
+    if training_args.resume_from_checkpoint:  # "True": the newest checkpoint of --output_dir
+        training_args.resume_from_checkpoint = resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir
+        )
     set_seed(training_args.seed)
 
     data = load_segmentation_data(data_args)
@@ -293,8 +320,12 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
         model=model,
         args=training_args,
         # Undecoded, so that the transforms decode the files and name one they cannot decode.
-        train_dataset=undecoded(data.dataset["train"]).with_transform(TrainTransform(processor, recipe)),
-        eval_dataset=undecoded(data.dataset["validation"]).with_transform(EvalTransform(processor)),
+        train_dataset=undecoded(data.dataset["train"]).with_transform(
+            TrainTransform(processor, recipe, num_labels=data.num_labels)
+        ),
+        eval_dataset=undecoded(data.dataset["validation"]).with_transform(
+            EvalTransform(processor, num_labels=data.num_labels)
+        ),
         data_collator=pad_collate,
         processing_class=processor,
         compute_metrics=compute_metrics_for_trainer(data.num_labels),

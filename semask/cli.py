@@ -18,6 +18,7 @@ anything is written: those files are replaced only with `--overwrite`.
 
 import argparse
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, BaseImageProcessor, PreTrainedModel
 
@@ -168,8 +170,24 @@ def load_model(name: str, device: str, trust_remote_code: bool) -> tuple[PreTrai
         model, info = AutoModelForSemanticSegmentation.from_pretrained(
             name, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # missing files, bad JSON, truncated pytorch_model.bin
         raise CliError(f"Cannot load model {name}: {error}") from error
+    except SafetensorError as error:
+        raise CliError(
+            f"Cannot load model {name}: a .safetensors weights file is truncated or corrupt ({error})"
+        ) from error
+    except pickle.UnpicklingError as error:  # transformers loads .bin files weights-only: nothing in them ran
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])  # e.g. "... GLOBAL posix.system ..."
+        raise CliError(
+            f"Cannot load model {name}: its .bin weights hold pickled objects other than tensors, which are refused "
+            f"(weights-only loading, nothing of them ran): {reason}"
+        ) from error
+    if missing := sorted(info["missing_keys"]):
+        raise CliError(
+            f"Cannot load model {name}: {len(missing)} weight(s) of its config are missing from its weights, e.g. "
+            f"{missing[0]}; do the weights belong to this config?"
+        )
     if mismatched := sorted(info["mismatched_keys"]):
         key, saved, expected = mismatched[0]
         raise CliError(

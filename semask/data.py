@@ -31,7 +31,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image
 
-from .image_processing_semask import IGNORE_INDEX, IMAGE_SUFFIXES, image_to_array
+from .image_processing_semask import IGNORE_INDEX, IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS, image_to_array, upright_rgb
 from .inference import upright_size
 from .label_files import read_labels_file
 from .presets import DATASET_LABELS, DATASET_PROCESSING
@@ -287,7 +287,7 @@ def _image_files(folder: Path) -> dict[str, Path]:
         raise DatasetValidationError(f"Folder not found: {folder}")
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             key = str(path.relative_to(folder).with_suffix(""))
             if key in files:
                 raise DatasetValidationError(f"Two files share the name {key!r} in {folder}: {files[key]} and {path}")
@@ -341,13 +341,31 @@ def undecoded(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def decode_image(value: Any, description: str) -> Any:
+def decode_image(value: Any, description: str, rgb: bool = False) -> Any:
     """A `datasets.Image` value (undecoded dict, or an image / array, returned as is) decoded as `datasets` does,
-    EXIF orientation applied; a `DatasetValidationError` naming its file (or `description`) if it cannot be."""
+    EXIF orientation applied, and with `rgb` made upright RGB as every entry point reads images (`upright_rgb`); a
+    `DatasetValidationError` naming its file (or `description`) if it cannot be."""
     try:
-        return ImageFeature().decode_example(value) if isinstance(value, dict) else value
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError, truncated or empty files
-        raise DatasetValidationError(f"Cannot decode {_file_name(value, description)}: {error}") from error
+        decoded = ImageFeature().decode_example(value) if isinstance(value, dict) else value
+        return upright_rgb(decoded) if rgb else decoded
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise DatasetValidationError(f"Cannot decode {source_name(value, description)}: {error}") from error
+
+
+def label_value_problem(values: np.ndarray, num_labels: int, reduce_labels: bool, name: str) -> str | None:
+    """What is wrong with a label map's values (`values`: its distinct values, not yet reduced) for `num_labels`
+    classes, or None: ids must be classes, or the ignore index 255 (with `reduce_labels`, 0 too: it is ignored)."""
+    max_value = num_labels if reduce_labels else num_labels - 1
+    invalid = values[((values < 0) | (values > max_value)) & (values != IGNORE_INDEX)]
+    if not invalid.size:
+        return None
+    shown = ", ".join(str(value) for value in invalid[:10].tolist()) + (" ..." if invalid.size > 10 else "")
+    convention = (
+        f"with reduce_labels, 0 is ignored and 1..{max_value} are the classes"
+        if reduce_labels
+        else f"the classes are 0..{max_value}"
+    )
+    return f"{name} has values outside the {num_labels} labels ({convention}; {IGNORE_INDEX} is ignored): {shown}."
 
 
 def _split_problems(
@@ -359,14 +377,14 @@ def _split_problems(
         checked = set(range(len(dataset)))
     problems, jpeg_labels = [], []
     for index, row in enumerate(undecoded(dataset)):
-        image_name = _file_name(row["image"], f"{split} image #{index}")
-        label_name = _file_name(row["label"], f"{split} label map #{index}")
+        image_name = source_name(row["image"], f"{split} image #{index}")
+        label_name = source_name(row["label"], f"{split} label map #{index}")
         try:
             with _open(row["image"]) as image, _open(row["label"]) as label:
                 if label.format == "JPEG":
                     jpeg_labels.append(label_name)
                 problems += _pair_problems(image, image_name, label, label_name, data, index in checked)
-        except (OSError, TypeError, ValueError) as error:
+        except (*UNREADABLE_IMAGE_ERRORS, TypeError) as error:
             problems.append(f"Cannot read {image_name} or {label_name}: {error}")
     if jpeg_labels:
         logger.warning(
@@ -379,7 +397,8 @@ def _split_problems(
     return problems
 
 
-def _file_name(value, default: str) -> str:
+def source_name(value: Any, default: str) -> str:
+    """The file of a `datasets.Image` value (undecoded dict with a "path"), or `default`."""
     return (value.get("path") if isinstance(value, dict) else None) or default
 
 
@@ -419,21 +438,12 @@ def _pair_problems(
             f"{label_name} has mode {label.mode}: label maps must be single-channel class ids (mode L, P, I or "
             "I;16); convert colour-coded annotations to class ids first."
         ]
+    if image.mode == "F":
+        return [
+            f"{image_name} is a 32-bit float image (mode F), whose pixel scale is unknown: save it with 8 or 16 bits."
+        ]
     if not full:
         return []
     image.load()
-    values = np.unique(image_to_array(label))
-    max_value = data.num_labels if data.reduce_labels else data.num_labels - 1
-    invalid = values[((values < 0) | (values > max_value)) & (values != IGNORE_INDEX)]
-    if not invalid.size:
-        return []
-    shown = ", ".join(str(value) for value in invalid[:10].tolist()) + (" ..." if invalid.size > 10 else "")
-    convention = (
-        f"with reduce_labels, 0 is ignored and 1..{max_value} are the classes"
-        if data.reduce_labels
-        else f"the classes are 0..{max_value}"
-    )
-    return [
-        f"{label_name} has values outside the {data.num_labels} labels ({convention}; {IGNORE_INDEX} is ignored): "
-        f"{shown}."
-    ]
+    problem = label_value_problem(np.unique(image_to_array(label)), data.num_labels, data.reduce_labels, label_name)
+    return [problem] if problem else []

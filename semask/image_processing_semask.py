@@ -6,6 +6,7 @@ normalised with the ImageNet mean/std on the 0-255 scale, and optionally padded.
 with nearest-neighbour interpolation only, so their values are never interpolated.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,16 @@ def torch_resize(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndar
 
 
 def image_to_array(image: Image.Image) -> np.ndarray:
-    """A PIL image as an (H, W) or (H, W, C) array, keeping 16-bit grayscale values."""
+    """A PIL image as an (H, W) or (H, W, C) array, keeping 16-bit grayscale values (32-bit integer "I" images
+    must hold 0..65535, else a ValueError) and 32-bit float "F" ones as float32."""
     if image.mode.startswith("I;16") or image.mode == "I":
-        return np.asarray(image, dtype=np.int64).astype(np.uint16)
+        array = np.asarray(image, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
+            raise ValueError(
+                f"A 32-bit integer image (mode I) with values {array.min()}..{array.max()}: semask reads integer "
+                "images of up to 16 bits (0..65535); convert it to 8 or 16 bits first."
+            )
+        return array.astype(np.uint16)
     return np.asarray(image)
 
 
@@ -107,10 +115,22 @@ def sixteen_to_eight_bits(array: np.ndarray) -> np.ndarray:
     return np.round(array.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned upright by its EXIF orientation; 32-bit float images (mode F), whose pixel scale is unknown
+    and which PIL's `convert` would clip, are refused with a ValueError."""
+    if image.mode == "F":
+        raise ValueError(
+            "A 32-bit float image (mode F) has no known pixel scale: save it with 8 or 16 bits, or pass its pixels "
+            "to the processor as a float array on the 0-255 scale (np.asarray(image))."
+        )
+    return ImageOps.exif_transpose(image)
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """An image as every entry point reads it: turned upright by its EXIF orientation, 16-bit grayscale scaled to
-    8 bits (not clipped, as `convert("RGB")` would), then RGB."""
-    image = ImageOps.exif_transpose(image)
+    8 bits (not clipped, as `convert("RGB")` would), then RGB (CMYK, palette, alpha: PIL's conversion). 32-bit float
+    images (mode F) are refused (ValueError): their scale is unknown, and `convert` would clip them."""
+    image = upright(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         image = Image.fromarray(sixteen_to_eight_bits(image_to_array(image)))
     return image.convert("RGB")
@@ -118,6 +138,9 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 # File suffixes of the images that the command line and the training data read from folders.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What PIL raises for files it cannot decode: UnidentifiedImageError (an OSError), truncated or 0-byte files, bad
+# headers, and images beyond `Image.MAX_IMAGE_PIXELS` (its decompression-bomb guard).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -126,7 +149,7 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return upright_rgb(image)
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError, truncated or 0-byte files
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise ValueError(f"Cannot read image {path}: {error}") from error
 
 
@@ -151,6 +174,27 @@ def as_rgb_uint_or_float(image: np.ndarray) -> np.ndarray:
     raise ValueError(
         f"Unsupported image dtype {image.dtype}: pass uint8 or uint16 images, or float images on the 0-255 scale."
     )
+
+
+def warn_about_pixel_scale(image: np.ndarray, rescale_factor: float | None) -> None:
+    """Warn (once) when an image, after rescaling by `rescale_factor` (None: no rescaling), is not on the 0-255 scale
+    that the normalisation's statistics expect: all in [0, 1] (nearly black once normalised), or outside [0, 255]."""
+    if (image.dtype == np.uint8 and rescale_factor is None) or not image.size:
+        return
+    scale = 1.0 if rescale_factor is None else rescale_factor
+    low, high = float(image.min()) * scale, float(image.max()) * scale
+    if 0 <= low and 0 < high <= 1:
+        logger.warning_once(
+            "An image has all its values in [0, 1] (as torchvision's ToTensor gives) after rescaling "
+            f"(do_rescale={rescale_factor is not None}) but this processor normalises on the 0-255 scale, so it would "
+            "be nearly black: for float images in [0, 1] pass `image * 255`, or `do_rescale=True, "
+            "rescale_factor=255.0` (rescaling multiplies by `rescale_factor`); for 0-255 pixels, `do_rescale=False`."
+        )
+    elif low < 0 or high > 255:
+        logger.warning_once(
+            "An image has values outside [0, 255] after rescaling, but this processor normalises pixels on the "
+            "0-255 scale: pass pixels in [0, 255] (or `do_normalize=False` for images normalised already)."
+        )
 
 
 def as_label_map(label_map: np.ndarray) -> np.ndarray:
@@ -208,10 +252,34 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
             raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DATASET_PROCESSING)}.")
         return cls(**{**DATASET_PROCESSING[dataset], **kwargs})
 
+    def fetch_images(self, image_url_or_urls: str | os.PathLike | list) -> ImageInput:
+        """As transformers' (URLs, base64 strings), except that image files are read by `load_image`, the rule every
+        entry point shares (16-bit images scaled, not clipped; a ValueError naming a file that cannot be read)."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, (str, os.PathLike)):
+            path = os.fspath(image_url_or_urls)
+            if os.path.isfile(path):
+                return load_image(path)
+            if isinstance(image_url_or_urls, os.PathLike) or Path(path).suffix.lower() in IMAGE_SUFFIXES:
+                raise ValueError(f"Image file not found: {path}")
+        return super().fetch_images(image_url_or_urls)
+
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> ImageInput:
-        """Accept (H, W) grayscale arrays and tensors as images too."""
-        if expected_ndims == 3:
-            images = [img[..., None] if getattr(img, "ndim", None) == 2 else img for img in _as_list(images)]
+        """Accept (H, W) grayscale arrays and tensors as images too (read as H x W whatever their sides, see
+        `process_image`); refuse arrays of other ranks, naming their shape."""
+        images = self.fetch_images(images)
+        kind, ranks, form = (
+            ("Images", (2, 3, 4), "(H, W, C), (C, H, W) or (H, W)")
+            if expected_ndims == 3
+            else ("Segmentation maps", (2, 3), "(H, W)")
+        )
+        items = _as_list(images)
+        for item in items:
+            if getattr(item, "ndim", None) is not None and item.ndim not in ranks:
+                raise ValueError(f"{kind} must be {form} arrays or a batch of them, got shape {tuple(item.shape)}.")
+        if expected_ndims == 3 and any(getattr(item, "ndim", None) == 2 for item in items):
+            return [image for item in items for image in (list(item) if getattr(item, "ndim", None) == 4 else [item])]
         return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
 
     def process_image(
@@ -224,13 +292,15 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         """One image (RGB, 3 channels) or, with `do_convert_rgb=False`, one label map, channels first."""
         if is_pil_image(image):
             if do_convert_rgb:
-                image = ImageOps.exif_transpose(image)
+                image = upright(image)
             if do_convert_rgb and image.mode not in ("L", "RGB", "RGBA") and not image.mode.startswith("I"):
                 image = image.convert("RGB")
             image = image_to_array(image)
             input_data_format = ChannelDimension.LAST  # np.asarray(PIL image) is (H, W[, C])
         elif isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
+        if image.ndim == 2:  # grayscale (or a label map): (1, H, W), never a guess at where channels are
+            image, input_data_format = image[None], ChannelDimension.FIRST
         if do_convert_rgb and image.ndim == 3 and not {image.shape[0], image.shape[-1]} & {1, 3, 4}:
             raise ValueError(f"Images must have 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got shape {image.shape}.")
         if input_data_format is None and image.ndim == 3:
@@ -285,6 +355,8 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
         **kwargs,
     ) -> BatchFeature:
         images = self._prepare_image_like_inputs(images, do_convert_rgb=True, input_data_format=input_data_format)
+        if not images:
+            raise ValueError("No images given: pass an image (PIL image, array, tensor or file) or a list of them.")
         data = {"pixel_values": self._preprocess(images, **{**kwargs, "do_reduce_labels": False})}
         if segmentation_maps is not None:
             maps = self._prepare_image_like_inputs(
@@ -321,12 +393,8 @@ class SemaskImageProcessor(SegformerImageProcessorPil):
     ) -> list[np.ndarray]:
         processed = []
         for image in images:
-            if not do_rescale and np.issubdtype(image.dtype, np.floating) and 0 <= image.min() and 0 < image.max() <= 1:
-                logger.warning_once(
-                    "A float image has all its values in [0, 1] (as torchvision's ToTensor gives) but this processor "
-                    "expects the 0-255 scale, so it would be nearly black: pass `image * 255`, or `do_rescale=True, "
-                    "rescale_factor=255.0` (rescaling multiplies by `rescale_factor`)."
-                )
+            if do_normalize and max(np.atleast_1d(image_mean)) > 1:  # statistics on the 0-255 scale
+                warn_about_pixel_scale(image, rescale_factor if do_rescale else None)
             if do_reduce_labels:
                 image = self.reduce_label(image)
             if do_resize:

@@ -16,6 +16,7 @@ per-chunk buffers, not a full-resolution copy per scale.
 """
 
 import math
+import os
 from numbers import Integral, Real
 
 import numpy as np
@@ -225,6 +226,10 @@ def predict_probabilities(
     check_scales(scales)
     if mode == "slide":
         crop_and_stride(crop_size, stride)  # invalid settings fail before any image is processed
+    if isinstance(image, (str, os.PathLike)):  # a file: read as every entry point reads it (16-bit scaled, upright)
+        from .image_processing_semask import load_image  # here: image_processing_semask imports this module
+
+        image = load_image(image)
     height, width = original_size(image)
     parameter = next(model.parameters())
     mask_classification = is_mask_classification(model)

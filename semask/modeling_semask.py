@@ -6,7 +6,7 @@ load by name); this file adds the semantic layers, the per-stage output norms, t
 
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -148,6 +148,31 @@ def crop_map(hidden_states: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return hidden_states[:, : size[0], : size[1]].clone(memory_format=torch.contiguous_format)
 
 
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int) -> None:
+    """Raise a ValueError unless `pixel_values` is a (batch_size, num_channels, height, width) batch, a TypeError
+    unless it is floating point."""
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"Expected pixel_values of shape (batch_size, {num_channels}, height, width), "
+            f"got {tuple(pixel_values.shape)}."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be floating point (the image processor's normalised output), got "
+            f"{pixel_values.dtype}; pass the images through the image processor first."
+        )
+
+
+def warn_unless_eager(config: PreTrainedConfig, kwargs: dict) -> None:
+    """Warn (once) when attention weights are asked for but the attention implementation does not return them."""
+    wants_attentions = kwargs.get("output_attentions") or kwargs.get("output_semantic_attentions")
+    if wants_attentions and config._attn_implementation != "eager":
+        logger.warning_once(
+            f"Attention weights are only returned with eager attention, not {config._attn_implementation!r}: "
+            "call `model.set_attn_implementation('eager')` first."
+        )
+
+
 class SemaskEmbeddings(nn.Module):
     """Patch embedding (padded to a multiple of the patch size), optional norm and absolute position embedding."""
 
@@ -164,11 +189,7 @@ class SemaskEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
-                f"Expected pixel_values of shape (batch_size, {self.num_channels}, height, width), "
-                f"got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_values(pixel_values, self.num_channels)
         size = pixel_values.shape[-2:]
         padded_size = tuple(round_up(length, patch) for length, patch in zip(size, self.patch_embeddings.patch_size))
         pixel_values = pad_bottom_right(pixel_values, padded_size)
@@ -556,12 +577,7 @@ class SemaskModel(SemaskPreTrainedModel):
         output_semantic_attentions (`bool`, *optional*):
             Return the semantic attention weights in `semantic_attentions` (eager attention only).
         """
-        wants_attentions = kwargs.get("output_attentions") or kwargs.get("output_semantic_attentions")
-        if wants_attentions and self.config._attn_implementation != "eager":
-            logger.warning_once(
-                f"Attention weights are only returned with eager attention, not {self.config._attn_implementation!r}: "
-                "call `model.set_attn_implementation('eager')` first."
-            )
+        warn_unless_eager(self.config, kwargs)
         hidden_states, size = self.embeddings(pixel_values)
         feature_maps, priors = (), ()
         for norm, stage in zip(self.hidden_states_norms.values(), self.encoder.layers):
@@ -624,13 +640,16 @@ class SemaskFPNHead(nn.Module):
 
     gradient_checkpointing = False
 
-    def __init__(self, config: SemaskConfig):
+    def __init__(self, config: PreTrainedConfig, in_channels: Sequence[int] | None = None):
+        """`in_channels`: the widths of the stage features (default: SeMask-Swin's, `embed_dim * 2**i`)."""
         super().__init__()
+        if in_channels is None:
+            in_channels = [config.embed_dim * 2**index for index in range(config.num_layers)]
         self.align_corners = config.align_corners
         self.scale_heads = nn.ModuleList(
             [
-                self._scale_head(config.embed_dim * 2**index, config.decoder_hidden_size, index)
-                for index in range(config.num_layers)
+                self._scale_head(channels, config.decoder_hidden_size, index)
+                for index, channels in enumerate(in_channels)
             ]
         )
         self.dropout = nn.Dropout2d(config.classifier_dropout_prob)
@@ -728,46 +747,18 @@ def check_label_maps(labels: torch.Tensor, pixel_values: torch.Tensor, num_label
         raise ValueError(f"{message}; found {labels[invalid].unique()[:10].tolist()}.")
 
 
-class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
-    """SeMask-Swin with the semantic-FPN head (the original SeMask-FPN)."""
+class SemanticSegmentationLossMixin:
+    """SeMask-FPN's label checks and losses, for a model with a `config` and a `decode_head` (with gradient
+    checkpointing on the head, the full-resolution losses are recomputed in the backward pass)."""
 
-    # Trainer must not pass `num_items_in_batch`: the loss normalises itself (see `config.loss_reduction`).
-    accepts_loss_kwargs = False
-
-    def __init__(self, config: SemaskConfig):
-        super().__init__(config)
-        self.semask = SemaskModel(config)
-        self.decode_head = SemaskFPNHead(config)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> SemaskSemanticSegmenterOutput:
-        r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Normalised images.
-        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
-        """
-        if labels is not None:
-            self.check_labels(labels, pixel_values)
-        outputs = self.semask(pixel_values, **kwargs)
-        logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
-        loss = None
-        if labels is not None:
-            loss = self.decode_loss(logits, labels)
-            if semantic_logits is not None:
-                loss = loss + self.semantic_loss(semantic_logits, labels)
-        return SemaskSemanticSegmenterOutput(
-            loss=loss,
-            logits=logits,
-            semantic_logits=semantic_logits,
-            semantic_priors=outputs.semantic_priors,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            semantic_attentions=outputs.semantic_attentions,
-        )
+    def segmentation_loss(
+        self, logits: torch.Tensor, semantic_logits: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The original's loss: the decode loss, plus the semantic loss where there is a semantic branch."""
+        loss = self.decode_loss(logits, labels)
+        if semantic_logits is not None:
+            loss = loss + self.semantic_loss(semantic_logits, labels)
+        return loss
 
     def check_labels(self, labels: torch.Tensor, pixel_values: torch.Tensor) -> None:
         """Raise a ValueError unless labels are (batch_size, H, W) integers at the images' size, in the label set or
@@ -804,6 +795,44 @@ class SemaskForSemanticSegmentation(SemaskPreTrainedModel):
         return total / (valid.sum() if self.config.loss_reduction == "valid_pixels" else labels.numel())
 
 
+class SemaskForSemanticSegmentation(SemanticSegmentationLossMixin, SemaskPreTrainedModel):
+    """SeMask-Swin with the semantic-FPN head (the original SeMask-FPN)."""
+
+    # Trainer must not pass `num_items_in_batch`: the loss normalises itself (see `config.loss_reduction`).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SemaskConfig):
+        super().__init__(config)
+        self.semask = SemaskModel(config)
+        self.decode_head = SemaskFPNHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> SemaskSemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
+        """
+        if labels is not None:
+            self.check_labels(labels, pixel_values)
+        outputs = self.semask(pixel_values, **kwargs)
+        logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
+        loss = self.segmentation_loss(logits, semantic_logits, labels) if labels is not None else None
+        return SemaskSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            semantic_logits=semantic_logits,
+            semantic_priors=outputs.semantic_priors,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            semantic_attentions=outputs.semantic_attentions,
+        )
+
+
 class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
     """SeMask-Swin feature maps for other heads (e.g. `UperNetConfig(backbone_config=SemaskConfig(...))`)."""
 
@@ -831,6 +860,7 @@ class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
 
 
 __all__ = [
+    "SemanticSegmentationLossMixin",
     "SemaskBackbone",
     "SemaskForSemanticSegmentation",
     "SemaskModel",

@@ -44,3 +44,9 @@ def test_non_contiguous_id2label_keys_are_refused():
         SemaskConfig(id2label={0: "wall", 2: "floor"})
     with pytest.raises(StrictDataclassClassValidationError, match=r"missing ids: \[1\]"):
         SemaskMask2FormerConfig(backbone_config=SemaskConfig(**tiny_config_kwargs()), id2label={0: "a", 2: "b"})
+
+
+def test_integer_pixel_values_are_refused_naming_the_dtype():
+    model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
+    with pytest.raises(TypeError, match=r"pixel_values must be floating point .* got torch\.uint8"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -2,6 +2,9 @@
 
 import logging as python_logging
 import re
+import struct
+import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -135,3 +138,121 @@ def test_exif_rotated_jpeg_is_read_upright_by_every_entry_point(tmp_path):
         assert original_size(image) == (40, 30)
         torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
     np.testing.assert_array_equal(np.asarray(load_image(path)), upright)
+
+
+def decompression_bomb_png(path, side: int = 30000):
+    """A PNG header claiming side x side pixels (beyond PIL's `Image.MAX_IMAGE_PIXELS` guard), without pixel data."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    chunks = b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in ((b"IHDR", header), (b"IEND", b""))
+    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (
+            np.zeros(8, np.uint8),
+            "Images must be (H, W, C), (C, H, W) or (H, W) arrays or a batch of them, got shape (8,)",
+        ),
+        (np.zeros((1, 1, 4, 4, 3), np.uint8), "got shape (1, 1, 4, 4, 3)"),
+        ([], "No images given: pass an image"),
+        ("missing/photo.png", "Image file not found: missing/photo.png"),
+        (Path("missing/photo"), "Image file not found: missing/photo"),
+        (Image.new("F", (4, 4), 0.5), "A 32-bit float image (mode F) has no known pixel scale"),
+        (Image.new("I", (4, 4), 70000), "A 32-bit integer image (mode I) with values 70000..70000: semask reads"),
+        (Image.new("I", (4, 4), -5), "A 32-bit integer image (mode I) with values -5..-5"),
+    ],
+    ids=["1-d", "5-d", "no images", "missing file", "missing path", "mode F", "mode I > 65535", "mode I < 0"],
+)
+def test_images_of_other_ranks_modes_or_missing_files_are_refused(image, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SemaskImageProcessor()(image)
+
+
+def test_one_dimensional_segmentation_map_is_refused():
+    with pytest.raises(ValueError, match=re.escape("Segmentation maps must be (H, W) arrays or a batch of them")):
+        SemaskImageProcessor()(np.zeros((4, 4, 3), np.uint8), segmentation_maps=np.zeros(16, np.uint8))
+
+
+@pytest.mark.parametrize(("height", "width"), [(3, 40), (1, 40), (4, 40), (3, 3), (40, 3)])
+def test_grayscale_arrays_are_read_as_height_by_width(height, width):
+    gray = np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)
+    processor = SemaskImageProcessor(size={"shortest_edge": 16, "longest_edge": 64})
+    rgb = processor(np.repeat(gray[..., None], 3, 2), input_data_format="channels_last", return_tensors="pt")
+    for image in (gray, torch.from_numpy(gray), Image.fromarray(gray)):  # never taken for a channels-first image
+        pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pixel_values, rgb["pixel_values"], atol=0, rtol=0)
+    assert tuple(predict_probabilities(PointwiseModel().eval(), processor, gray).shape) == (2, height, width)
+
+
+def test_alpha_is_dropped_and_palettes_and_cmyk_converted_alike():
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    processor = SemaskImageProcessor(do_resize=False)
+    expected = processor(np.ascontiguousarray(rgba[..., :3]), return_tensors="pt")["pixel_values"]
+    for image in (rgba, np.ascontiguousarray(rgba.transpose(2, 0, 1)), Image.fromarray(rgba, "RGBA")):
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
+    gray = processor(np.ascontiguousarray(rgba[..., 0]), return_tensors="pt")["pixel_values"]
+    grey_alpha = Image.fromarray(np.ascontiguousarray(rgba[..., :2]), "LA")
+    torch.testing.assert_close(processor(grey_alpha, return_tensors="pt")["pixel_values"], gray, atol=0, rtol=0)
+    for image in (Image.fromarray(rgba, "CMYK"), Image.fromarray(rgba[..., 0]).quantize(16)):
+        reference = processor(np.asarray(image.convert("RGB")), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "warning"),
+    [
+        (np.full((4, 4, 3), -20.0, np.float32), {}, "values outside [0, 255] after rescaling"),
+        (np.full((4, 4, 3), 300.0, np.float32), {}, "values outside [0, 255] after rescaling"),
+        (np.full((4, 4, 3), 200, np.uint8), {"do_rescale": True}, "all its values in [0, 1] (as torchvision"),
+        (np.full((4, 4, 3), -20.0, np.float32), {"do_normalize": False}, None),
+        (np.full((4, 4, 3), 200.0, np.float32), {}, None),
+    ],
+    ids=["negative", "above 255", "uint8 rescaled by 1/255", "not normalised", "on the 0-255 scale"],
+)
+def test_images_off_the_0_255_scale_warn(image, kwargs, warning):
+    python_logging.Logger.warning_once.cache_clear()
+    with CaptureLogger(image_processing_semask.logger) as captured:
+        SemaskImageProcessor(do_resize=False, **kwargs)(image)
+    if warning is None:
+        assert captured.out == ""
+    else:
+        assert warning in captured.out and "0-255 scale" in captured.out
+
+
+def test_image_files_given_as_paths_are_read_by_the_shared_rule(tmp_path):
+    sixteen = tmp_path / "deep.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 65536, (20, 30), dtype=np.uint16)).save(sixteen)
+    rotated = tmp_path / "rotated.jpg"
+    exif_rotated_jpeg(rotated)
+    processor = SemaskImageProcessor()
+    for path in (sixteen, rotated):  # 16-bit scaled (transformers' own loader would clip), EXIF applied
+        expected = processor(load_image(path), return_tensors="pt")["pixel_values"]
+        for given in (str(path), path, [str(path)]):
+            torch.testing.assert_close(processor(given, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"Cannot read image {tmp_path / 'empty.png'}: ")):
+        processor(str(tmp_path / "empty.png"))
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path):
+    path = decompression_bomb_png(tmp_path / "huge.png")
+    message = re.escape(f"Cannot read image {path}: Image size (900000000 pixels) exceeds limit")
+    with pytest.raises(ValueError, match=message):
+        load_image(path)
+    with pytest.raises(ValueError, match=message):
+        SemaskImageProcessor()(str(path))
+
+
+def test_predict_probabilities_reads_image_files(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+    processor = SemaskImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    model = PointwiseModel().eval()
+    expected = predict_probabilities(model, processor, load_image(path))
+    torch.testing.assert_close(predict_probabilities(model, processor, str(path)), expected, atol=0, rtol=0)

@@ -3,12 +3,15 @@ the training script reports unusable data."""
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import make_folder_dataset
+from test_bad_inputs_cli import error_line
+from test_bad_inputs_processor import decompression_bomb_png
+from test_data import make_folder_dataset, write_pair
 
 from conftest import load_script
 from semask.data import (
@@ -101,3 +104,110 @@ def test_script_reports_dataset_error_without_traceback(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith(f"error: {tmp_path / 'empty'} is not a dataset folder") and "Traceback" not in error
     assert error.count("\n") == 1
+
+
+def test_label_values_outside_the_label_set_are_named_when_training_reaches_them(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", splits=(("train", 4), ("val", 1)))
+    (root / "id2label.json").write_text(json.dumps(["sky", "road", "car"]))
+    bad = write_pair(root / "images" / "train", root / "labels" / "train", "train_9", values=(0, 2, 7))
+    data = load_segmentation_data(DatasetArguments(dataset_name=str(root)))
+    validate_segmentation_data(data, label_check_samples=0)  # the pixel values of no label map were checked
+    processor = SemaskImageProcessor(do_reduce_labels=False)
+    for transform in (
+        TrainTransform(processor, RecipeArguments(crop_size=[8]), num_labels=3),
+        EvalTransform(processor, num_labels=3),
+    ):
+        dataset = undecoded(data.dataset["train"]).with_transform(transform)
+        with pytest.raises(DatasetValidationError, match=rf"{bad} has values outside the 3 labels .*: 7\."):
+            [dataset[index] for index in range(len(dataset))]
+
+
+def test_colour_label_map_given_to_the_transforms_is_refused():
+    batch = {"image": [Image.new("RGB", (8, 8))], "label": [Image.new("RGB", (8, 8), (1, 2, 3))]}
+    recipe = RecipeArguments(crop_size=[8])
+    for transform in (TrainTransform(SemaskImageProcessor(), recipe), EvalTransform(SemaskImageProcessor())):
+        with pytest.raises(DatasetValidationError, match=r"a \w+ label map has shape \(8, 8, 3\): label maps must be"):
+            transform(batch)
+
+
+def spoil_dataset(root, how: str):
+    """Damage a dataset folder from `make_folder_dataset` in one way; returns the file or folder concerned."""
+    train_images, train_labels = root / "images" / "train", root / "labels" / "train"
+    if how == "empty image folder":
+        for path in train_images.iterdir():
+            path.unlink()
+        return train_images
+    if how == "two images share a name":
+        Image.new("RGB", (16, 12)).save(train_images / "train_0.png")
+        return train_images / "train_0.png"
+    if how == "0-byte label map":
+        (train_labels / "train_1.png").write_bytes(b"")
+        return train_labels / "train_1.png"
+    if how == "mode F image":
+        (train_images / "train_1.jpg").unlink()
+        Image.new("F", (16, 12), 0.5).save(train_images / "train_1.tif")
+        return train_images / "train_1.tif"
+    if how == "mode I label map beyond 16 bits":
+        (train_labels / "train_1.png").unlink()
+        Image.new("I", (16, 12), 70000).save(train_labels / "train_1.tif")
+        return train_labels / "train_1.tif"
+    if how == "decompression bomb":
+        (train_images / "train_1.jpg").unlink()
+        return decompression_bomb_png(train_images / "train_1.png")
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("empty image folder", "No image files (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp) in {path}"),
+        ("two images share a name", "Two files share the name 'train_0' in"),
+        ("0-byte label map", "Cannot read {image} or {path}: cannot identify image file"),
+        ("mode F image", "{path} is a 32-bit float image (mode F), whose pixel scale is unknown"),
+        (
+            "mode I label map beyond 16 bits",
+            "Cannot read {image} or {path}: A 32-bit integer image (mode I) with values",
+        ),
+        ("decompression bomb", "Cannot read {path} or {label}: Image size (900000000 pixels) exceeds limit"),
+    ],
+)
+def test_dataset_folders_that_cannot_be_used_are_named(tmp_path, how, message):
+    root = make_folder_dataset(tmp_path / "data")
+    (root / "id2label.json").write_text(json.dumps(["sky", "road", "car"]))
+    path = spoil_dataset(root, how)
+    image = root / "images" / "train" / "train_1.jpg"
+    label = root / "labels" / "train" / "train_1.png"
+    expected = re.escape(message.format(path=path, image=image, label=label))
+    with pytest.raises(DatasetValidationError, match=expected):
+        validate_segmentation_data(load_segmentation_data(DatasetArguments(dataset_name=str(root))), -1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--output_dir", "{tmp}/file"], "Cannot create --output_dir {tmp}/file: File exists"),
+        (["--output_dir", "{tmp}/file/run"], "Cannot create --output_dir {tmp}/file/run: Not a directory"),
+        (["--output_dir", "{tmp}/run", "--fp16", "True", "--use_cpu", "True"], "--fp16 on the CPU: accelerate"),
+        (["--output_dir", "{tmp}/run", "--resume_from_checkpoint", "True"], "--resume_from_checkpoint True: no"),
+        (
+            ["--output_dir", "{tmp}/run", "--resume_from_checkpoint", "{tmp}/no"],
+            "Cannot resume from {tmp}/no: {tmp}/no",
+        ),
+    ],
+    ids=["output is a file", "output under a file", "fp16 on the cpu", "nothing to resume", "missing checkpoint"],
+)
+def test_training_script_refuses_unusable_options_before_reading_data(
+    tmp_path, capsys, monkeypatch, arguments, message
+):
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr("semask.data.load_segmentation_data", None)  # the script would fail reading the data
+    argv = ["--dataset_name", "demo", *(argument.format(tmp=tmp_path) for argument in arguments)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train_semask").main(argv)
+    if isinstance(exit_info.value.code, str):  # SystemExit(message): Python prints it and exits 1
+        output = exit_info.value.code
+    else:  # unusable data or checkpoints: "error: <message>" on stderr, exit 2
+        assert exit_info.value.code == 2
+        output = error_line(capsys.readouterr().err).removeprefix("error: ")
+    assert output.startswith(message.format(tmp=tmp_path)), output
+    assert (tmp_path / "file").read_text() == "mine"

@@ -11,8 +11,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import decode_image
-from ..image_processing_semask import IGNORE_INDEX, SemaskImageProcessor, image_to_array, rescaled_size, upright_rgb
+from ..data import DatasetValidationError, decode_image, label_value_problem, source_name
+from ..image_processing_semask import IGNORE_INDEX, SemaskImageProcessor, image_to_array, rescaled_size
 from .arguments import RecipeArguments
 
 
@@ -169,36 +169,68 @@ def build_train_augmentation(processor: SemaskImageProcessor, recipe: RecipeArgu
     return v2.Compose(steps)
 
 
-def label_map(label: Image.Image | np.ndarray, processor: SemaskImageProcessor) -> np.ndarray:
-    """A label map as an int64 array, reduced (0 -> 255, k -> k - 1) when the processor reduces labels."""
-    array = (image_to_array(label) if isinstance(label, Image.Image) else np.asarray(label)).astype(np.int64)
+def label_map(
+    label: Image.Image | np.ndarray,
+    processor: SemaskImageProcessor,
+    num_labels: int | None = None,
+    name: str = "a label map",
+) -> np.ndarray:
+    """A label map as an int64 array, reduced (0 -> 255, k -> k - 1) when the processor reduces labels.
+
+    A `DatasetValidationError` naming `name` when it is not single-channel (H, W) or, given `num_labels`, when it has
+    values outside the label set (as `data.validate_segmentation_data` checks on its sample).
+    """
+    try:
+        array = (image_to_array(label) if isinstance(label, Image.Image) else np.asarray(label)).astype(np.int64)
+    except ValueError as error:  # a 32-bit integer label map beyond 16 bits
+        raise DatasetValidationError(f"{name}: {error}") from error
+    if array.ndim != 2:
+        raise DatasetValidationError(
+            f"{name} has shape {array.shape}: label maps must be single-channel (H, W) class ids; convert "
+            "colour-coded annotations to class ids first."
+        )
+    if num_labels is not None:
+        problem = label_value_problem(np.unique(array), num_labels, processor.do_reduce_labels, name)
+        if problem:
+            raise DatasetValidationError(problem)
     return processor.reduce_label(array) if processor.do_reduce_labels else array
 
 
-def decoded_pairs(batch: dict[str, list], split: str) -> Iterator[tuple[Image.Image, Image.Image | np.ndarray]]:
+def decoded_pairs(
+    batch: dict[str, list], split: str, processor: SemaskImageProcessor, num_labels: int | None
+) -> Iterator[tuple[Image.Image, np.ndarray]]:
     """The (image, label map) pairs of a `set_transform` batch, decoded here when the dataset is `data.undecoded`
-    (so a file that cannot be decoded is named); images upright RGB (`upright_rgb`: 16-bit scaled, not clipped),
-    label maps upright too (`data.decode_image`)."""
+    (so a file that cannot be decoded is named): images upright RGB (`upright_rgb`: 16-bit scaled, not clipped),
+    label maps upright too (`data.decode_image`) and checked (`label_map`: reduced as `processor` does)."""
     for image, label in zip(batch["image"], batch["label"]):
-        image = upright_rgb(decode_image(image, f"a {split} image"))
-        yield image, decode_image(label, f"a {split} label map")
+        name = source_name(label, f"a {split} label map")
+        image = decode_image(image, f"a {split} image", rgb=True)
+        yield image, label_map(decode_image(label, name), processor, num_labels, name)
 
 
 class TrainTransform:
     """`datasets.Dataset.set_transform` function: "image"/"label" batches to augmented "pixel_values"/"labels".
 
-    Give it `data.undecoded(dataset)` so that an undecodable file raises a `DatasetValidationError` naming it."""
+    Give it `data.undecoded(dataset)` so that an undecodable file raises a `DatasetValidationError` naming it, and
+    `num_labels` so that a label map with values outside the label set does too."""
 
-    def __init__(self, processor: SemaskImageProcessor, recipe: RecipeArguments, split: str = "train"):
+    def __init__(
+        self,
+        processor: SemaskImageProcessor,
+        recipe: RecipeArguments,
+        split: str = "train",
+        num_labels: int | None = None,
+    ):
         self.augmentation = build_train_augmentation(processor, recipe)
         self.processor = processor
         self.split = split
+        self.num_labels = num_labels
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
         pixel_values, labels = [], []
-        for image, label in decoded_pairs(batch, self.split):
+        for image, label in decoded_pairs(batch, self.split, self.processor, self.num_labels):
             image = tv_tensors.Image(TF.pil_to_tensor(image))
-            mask = tv_tensors.Mask(torch.from_numpy(label_map(label, self.processor)))
+            mask = tv_tensors.Mask(torch.from_numpy(label))
             image, mask = self.augmentation(image, mask)
             pixel_values.append(image.as_subclass(torch.Tensor))
             labels.append(mask.as_subclass(torch.Tensor))
@@ -207,16 +239,18 @@ class TrainTransform:
 
 class EvalTransform:
     """`set_transform` function for evaluation: the image processor's test pipeline, one image at a time (give it
-    `data.undecoded(dataset)`, as `TrainTransform`)."""
+    `data.undecoded(dataset)` and `num_labels`, as `TrainTransform`)."""
 
-    def __init__(self, processor: SemaskImageProcessor, split: str = "validation"):
+    def __init__(self, processor: SemaskImageProcessor, split: str = "validation", num_labels: int | None = None):
         self.processor = processor
         self.split = split
+        self.num_labels = num_labels
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list[torch.Tensor]]:
         pixel_values, labels = [], []
-        for image, label in decoded_pairs(batch, self.split):
-            features = self.processor(image, segmentation_maps=label, return_tensors="pt")
+        for image, label in decoded_pairs(batch, self.split, self.processor, self.num_labels):
+            # the label map is reduced already (`label_map`); the processor resizes it (nearest) with the image
+            features = self.processor(image, segmentation_maps=label, do_reduce_labels=False, return_tensors="pt")
             pixel_values.append(features["pixel_values"][0])
             labels.append(features["labels"][0])
         return {"pixel_values": pixel_values, "labels": labels}

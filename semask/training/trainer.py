@@ -1,12 +1,21 @@
-"""`SemaskTrainer`: `Trainer` with the original optimiser groups, poly schedule, OHEM and evaluation outputs."""
+"""`SemaskTrainer`: `Trainer` with the original optimiser groups, poly schedule, OHEM, evaluation outputs and a guard
+against non-finite losses; checks of the checkpoints a run resumes from."""
 
 import functools
+import json
+import logging
+import re
+import zipfile
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ModelOutput
 
 from ..image_processing_semask import IGNORE_INDEX
@@ -16,6 +25,10 @@ from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentat
 from ..modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentationOutput
 from .arguments import RecipeArguments
 
+logger = logging.getLogger(__name__)
+
+# Normalisation layers whose running statistics the training forward pass updates.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 NO_DECAY_PARAMETER_NAMES = ("relative_position_bias_table", "position_embeddings")
 # The modules whose parameters the original Mask2Former optimiser leaves without weight decay.
 MASK2FORMER_NO_DECAY_MODULES = (
@@ -138,6 +151,103 @@ def ohem_cross_entropy(
     return total / (labels.numel() if loss_reduction == "all_pixels" else kept.sum().clamp(min=1))
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training step whose loss is NaN or infinite, raised before the optimiser step, so the weights keep their last
+    finite values; the message names the step and describes the batch (saved to the output folder)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it, what is wrong, and an intact earlier one."""
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step of a Trainer checkpoint folder (`checkpoint-<step>`), or None for another name."""
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problems(folder: str | Path) -> list[str]:
+    """What keeps a Trainer checkpoint folder from being resumed exactly (empty when nothing): a missing or unreadable
+    trainer state, weights (safetensors headers and sizes checked), optimiser or scheduler state, and torch archives
+    (pytorch_model.bin, optimizer.pt, rng_state.pth, ...) that are truncated or fail their CRC check."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    try:
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            problems.append(f"{TRAINER_STATE_NAME} has no global_step")
+    except (OSError, ValueError) as error:
+        problems.append(f"{TRAINER_STATE_NAME} cannot be read ({error})")
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin"))
+    has_sub_states = any(path.is_dir() for path in folder.iterdir())  # DeepSpeed / FSDP keep their own states
+    if not weights and not has_sub_states:
+        problems.append("it has no model weights (model.safetensors)")
+    for name in (OPTIMIZER_NAME, SCHEDULER_NAME):
+        if not (folder / name).is_file() and not has_sub_states:
+            problems.append(f"{name} is missing (saved with --save_only_model? Such a checkpoint cannot be resumed)")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            problems.append(f"{path.name} is truncated or corrupt ({error})")
+    for path in sorted(p for pattern in ("*.pt", "*.pth", "*.bin") for p in folder.glob(pattern)):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                corrupt = archive.testzip()
+            if corrupt is not None:
+                problems.append(f"{path.name} is corrupt (CRC check of {corrupt} failed)")
+        except (OSError, zipfile.BadZipFile) as error:
+            problems.append(f"{path.name} is truncated or not a torch archive ({error})")
+    return problems
+
+
+def resolve_resume_checkpoint(value: str, output_dir: str | Path) -> str:
+    """The checkpoint folder that `--resume_from_checkpoint value` names ("True": the newest `checkpoint-<step>` in
+    `output_dir`), checked by `checkpoint_problems`; a `CheckpointError` naming what is wrong and the newest intact
+    earlier checkpoint of its folder otherwise."""
+    if value.lower() == "true":
+        checkpoints = sorted_checkpoints(output_dir)
+        if not checkpoints:
+            raise CheckpointError(f"--resume_from_checkpoint True: no {PREFIX_CHECKPOINT_DIR}-<step> in {output_dir}.")
+        folder = checkpoints[0]
+    else:
+        folder = Path(value)
+    problems = checkpoint_problems(folder)
+    if not problems:
+        epoch = json.loads((folder / TRAINER_STATE_NAME).read_text()).get("epoch")
+        if epoch is not None and not float(epoch).is_integer():
+            logger.warning(
+                "%s was saved in the middle of epoch %d: weights, optimiser, schedule and data order continue "
+                "exactly, but the random augmentation of the next batch differs from an uninterrupted run "
+                "(transformers restores the random state after fetching it); checkpoints at the end of an epoch "
+                "(--save_strategy epoch) resume exactly.",
+                folder,
+                int(epoch) + 1,
+            )
+        return str(folder)
+    step = checkpoint_step(folder)
+    earlier = [c for c in sorted_checkpoints(folder.parent) if step is None or checkpoint_step(c) < step]
+    intact = next((checkpoint for checkpoint in earlier if not checkpoint_problems(checkpoint)), None)
+    hint = (
+        f"The newest intact earlier checkpoint is {intact}: pass --resume_from_checkpoint {intact}"
+        if intact
+        else f"No earlier checkpoint in {folder.parent} is intact"
+    )
+    raise CheckpointError(f"Cannot resume from {folder}: {'; '.join(problems)}. {hint}.")
+
+
+def sorted_checkpoints(folder: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders in `folder`, newest (highest step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_dir() and checkpoint_step(path) is not None]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
 def check_recipe(recipe: RecipeArguments, mask_classification: bool) -> None:
     """Raise a ValueError where `recipe` does not apply to the model (OHEM to mask classification models)."""
     if mask_classification and recipe.ohem:
@@ -155,6 +265,9 @@ class SemaskTrainer(Trainer):
     `mask_labels` / `class_labels` are built from them), evaluation gathers the class and mask predictions and turns
     them into per-class scores at the labels' size (`semantic_scores_for_metrics`, unless
     `preprocess_logits_for_metrics` is given), and OHEM is refused.
+
+    A NaN or infinite training loss raises `NonFiniteLossError` before the optimiser step (`training_step`), naming
+    the step and the batch.
 
     Multi-process runs: on GPUs the decode head's BatchNorms become `SyncBatchNorm`, as in the original (torch has
     no CPU version; there each process keeps its own running statistics). Every evaluation first copies the main
@@ -231,6 +344,58 @@ class SemaskTrainer(Trainer):
         if outputs.semantic_logits is not None:
             loss = loss + semask.semantic_loss(outputs.semantic_logits, labels)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step` (forward, backward), then a `NonFiniteLossError` if the loss is NaN or infinite
+        on any process, before the optimiser step could carry it into the weights; the BatchNorm running statistics,
+        which the forward pass updated, are restored."""
+        statistics = [
+            (buffer, buffer.clone())
+            for module in model.modules()
+            if isinstance(module, BATCH_NORMS)
+            for buffer in module.buffers(recurse=False)
+        ]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all().to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:  # every process stops, none waits for the others in a collective
+            finite = self.accelerator.gather(finite)
+        if finite.min() < 1:
+            with torch.no_grad():
+                for buffer, saved in statistics:
+                    buffer.copy_(saved)
+            raise NonFiniteLossError(self._non_finite_loss_report(loss, inputs))
+        return loss
+
+    def _non_finite_loss_report(self, loss: torch.Tensor, inputs: dict[str, torch.Tensor]) -> str:
+        """The step, the loss and this process's batch (described, and saved to the output folder by process 0)."""
+        step = self.state.global_step + 1
+        tensors = {name: value.detach().cpu() for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        batch = []
+        if (pixel_values := tensors.get("pixel_values")) is not None:
+            non_finite = pixel_values.numel() - int(torch.isfinite(pixel_values).sum())
+            batch.append(f"pixel_values {tuple(pixel_values.shape)} with {non_finite} non-finite values")
+        if (labels := tensors.get("labels")) is not None:
+            values = torch.unique(labels).tolist()
+            batch.append(f"labels with the values {values[:12]}{' ...' if len(values) > 12 else ''}")
+        if self.is_world_process_zero():
+            path = Path(self.args.output_dir) / f"non_finite_batch_step_{step}.pt"
+            index = 1
+            while path.exists():  # never replace the batch of an earlier report
+                path, index = path.with_name(f"non_finite_batch_step_{step}_{index}.pt"), index + 1
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(tensors, path)
+                batch.append(f"saved to {path}")
+            except OSError as error:
+                batch.append(f"not saved: {error}")
+        where = "not finite on another process" if torch.isfinite(loss).all() else loss.item()
+        return (
+            f"The training loss is {where} at step {step} (epoch {self.state.epoch or 0:.2f}); this process's batch: "
+            f"{'; '.join(batch)}. The weights were not updated with it: fix the data or lower the learning rate, "
+            "then resume from the last checkpoint (--resume_from_checkpoint)."
+        )
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         if self.accelerator.num_processes > 1:
