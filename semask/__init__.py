@@ -17,6 +17,7 @@ from transformers import (
 from .configuration_semask import SemaskConfig
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .configuration_semask_maskformer import SemaskMaskFormerConfig
+from .configuration_semask_mit import SemaskMitConfig
 from .image_processing_semask import SemaskImageProcessor
 from .modeling_semask import (
     SemaskBackbone,
@@ -34,6 +35,7 @@ from .modeling_semask_maskformer import (
     SemaskMaskFormerModel,
     SemaskMaskFormerPreTrainedModel,
 )
+from .modeling_semask_mit import SemaskMitForSemanticSegmentation, SemaskMitModel, SemaskMitPreTrainedModel
 
 # config class -> {model class: the Auto classes that load it (the first one is saved with the model's code)}
 AUTO_CLASSES = {
@@ -53,6 +55,10 @@ AUTO_CLASSES = {
     SemaskMaskFormerConfig: {
         SemaskMaskFormerModel: [AutoModel],
         SemaskMaskFormerForInstanceSegmentation: [AutoModelForInstanceSegmentation, AutoModelForSemanticSegmentation],
+    },
+    SemaskMitConfig: {
+        SemaskMitModel: [AutoModel],
+        SemaskMitForSemanticSegmentation: [AutoModelForSemanticSegmentation],
     },
 }
 
@@ -79,6 +85,10 @@ __all__ = [
     "SemaskMaskFormerForInstanceSegmentation",
     "SemaskMaskFormerModel",
     "SemaskMaskFormerPreTrainedModel",
+    "SemaskMitConfig",
+    "SemaskMitForSemanticSegmentation",
+    "SemaskMitModel",
+    "SemaskMitPreTrainedModel",
     "SemaskModel",
     "SemaskPreTrainedModel",
 ]

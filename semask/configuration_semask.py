@@ -16,6 +16,44 @@ def settings_equal(first, second) -> bool:
     return as_list(first) == as_list(second)
 
 
+def fill_label2id(config: PreTrainedConfig) -> None:
+    """Set `config.label2id` from `config.id2label` when only the latter is given."""
+    if config.id2label is not None and config.label2id is None:
+        config.label2id = {name: index for index, name in config.id2label.items()}
+
+
+def check_per_stage(num_stages: int, **per_stage) -> None:
+    """Raise a ValueError unless each of the `per_stage` settings has one value per stage."""
+    for name, values in per_stage.items():
+        if len(values) != num_stages:
+            raise ValueError(f"`{name}` needs one value per stage ({num_stages}), got {list(values)}.")
+
+
+def check_stage_heads(widths: list[int], num_heads: list[int]) -> None:
+    """Raise a ValueError unless each stage's width is a multiple of its number of attention heads."""
+    for index, (width, heads) in enumerate(zip(widths, num_heads)):
+        if width % heads:
+            raise ValueError(f"Stage {index + 1} width {width} is not divisible by {heads} heads.")
+
+
+def check_semantic_settings(config: PreTrainedConfig, plain_model: str) -> None:
+    """Raise a ValueError unless `config`'s semantic attention kinds and loss reduction are known, its semantic
+    window is positive and its stages all have semantic blocks, or none (`plain_model`)."""
+    unknown = set(config.semantic_attention) - set(SEMANTIC_ATTENTION_KINDS)
+    if unknown:
+        raise ValueError(f"`semantic_attention` values must be in {SEMANTIC_ATTENTION_KINDS}, got {sorted(unknown)}.")
+    blocks = list(config.num_semantic_blocks)
+    if any(count < 0 for count in blocks) or (any(blocks) and not all(blocks)):
+        raise ValueError(
+            "`num_semantic_blocks` must be positive for every stage (SeMask) or 0 for every stage "
+            f"({plain_model}); got {blocks}."
+        )
+    if config.semantic_window_size < 1:
+        raise ValueError(f"`semantic_window_size` must be positive, got {config.semantic_window_size}.")
+    if config.loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {config.loss_reduction!r}.")
+
+
 def check_class_ids(id2label: dict[int, str] | None) -> None:
     """Raise a ValueError unless `id2label` names the classes 0..N-1 (each id is a logit channel)."""
     if id2label is None:
@@ -169,8 +207,7 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
             out_indices = list(range(1, self.num_layers + 1))
         self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
         super().__post_init__(**kwargs)
-        if self.id2label is not None and self.label2id is None:
-            self.label2id = {name: index for index, name in self.id2label.items()}
+        fill_label2id(self)
         if self.semantic_attention is None:
             self.semantic_attention = fpn_semantic_attention(self.embed_dim, self.num_labels, self.num_layers)
 
@@ -181,31 +218,14 @@ class SemaskConfig(BackboneConfigMixin, PreTrainedConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        per_stage = {
-            "num_heads": self.num_heads,
-            "num_semantic_blocks": self.num_semantic_blocks,
-            "semantic_attention": self.semantic_attention,
-        }
-        for name, values in per_stage.items():
-            if len(values) != len(self.depths):
-                raise ValueError(f"`{name}` needs one value per stage ({len(self.depths)}), got {list(values)}.")
-        for index, heads in enumerate(self.num_heads):
-            if (self.embed_dim * 2**index) % heads:
-                raise ValueError(
-                    f"Stage {index + 1} width {self.embed_dim * 2**index} is not divisible by {heads} heads."
-                )
-        unknown = set(self.semantic_attention) - set(SEMANTIC_ATTENTION_KINDS)
-        if unknown:
-            raise ValueError(
-                f"`semantic_attention` values must be in {SEMANTIC_ATTENTION_KINDS}, got {sorted(unknown)}."
-            )
-        if self.has_semantic_layers and not all(self.num_semantic_blocks):
-            raise ValueError(
-                "`num_semantic_blocks` must be positive for every stage (SeMask) or 0 for every stage (plain "
-                f"Swin-FPN); got {list(self.num_semantic_blocks)}."
-            )
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}.")
+        check_per_stage(
+            len(self.depths),
+            num_heads=self.num_heads,
+            num_semantic_blocks=self.num_semantic_blocks,
+            semantic_attention=self.semantic_attention,
+        )
+        check_stage_heads([self.embed_dim * 2**index for index in range(len(self.depths))], self.num_heads)
+        check_semantic_settings(self, plain_model="plain Swin-FPN")
         check_class_ids(self.id2label)
 
     @classmethod
@@ -245,6 +265,7 @@ class SemaskEncoderConfigMixin:
         if self.id2label is None and kwargs.get("num_labels") is None:
             self.id2label = self.backbone_config.id2label
         super().__post_init__(**kwargs)
+        fill_label2id(self)
         self.id2label, self.label2id = self.id2label, self.label2id  # shared with the encoder (`__setattr__`)
         if apply_rule:
             self.backbone_config.semantic_attention = self.semantic_attention_rule()

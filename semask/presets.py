@@ -511,3 +511,52 @@ def maskformer_preset(name: str) -> dict:
         "id2label": id2label,
     }
     return {"backbone_config": backbone, "id2label": id2label}
+
+
+# SeMask-MiT: SeMask on SegFormer's Mix Transformer (the paper's second encoder; no official code or weights). The
+# encoder sizes are SegFormer's MiT-B0 ... B5 (`nvidia/mit-b*` configs): stage widths, depths and the all-MLP head's
+# width; every size has SegFormer's heads (1, 2, 5, 8), sequence-reduction ratios (8, 4, 2, 1) and drop path 0.1.
+MIT_SIZES = {
+    "b0": {"hidden_sizes": (32, 64, 160, 256), "depths": (2, 2, 2, 2), "decoder_hidden_size": 256},
+    "b1": {"hidden_sizes": (64, 128, 320, 512), "depths": (2, 2, 2, 2), "decoder_hidden_size": 256},
+    "b2": {"hidden_sizes": (64, 128, 320, 512), "depths": (3, 4, 6, 3), "decoder_hidden_size": 768},
+    "b3": {"hidden_sizes": (64, 128, 320, 512), "depths": (3, 4, 18, 3), "decoder_hidden_size": 768},
+    "b4": {"hidden_sizes": (64, 128, 320, 512), "depths": (3, 8, 27, 3), "decoder_hidden_size": 768},
+    "b5": {"hidden_sizes": (64, 128, 320, 512), "depths": (3, 6, 40, 3), "decoder_hidden_size": 768},
+}
+MIT_STAGE_SETTINGS = {"num_attention_heads": (1, 2, 5, 8), "sr_ratios": (8, 4, 2, 1), "drop_path_rate": 0.1}
+MIT_PRESET_NAMES = tuple(f"semask-mit-{size}-ade20k" for size in MIT_SIZES)
+# SegFormer's ADE20K test pipelines (mmseg 0.x): SeMask-FPN's ADE20K one (keep-ratio resize to fit (2048, 512), the
+# same normalisation, label reduction); B5 was trained on 640 x 640 crops and is tested at (2048, 640).
+MIT_PROCESSING = {
+    **{size: DATASET_PROCESSING["ade20k"] for size in MIT_SIZES},
+    "b5": {**DATASET_PROCESSING["ade20k"], "size": {"shortest_edge": 640, "longest_edge": 2048}},
+}
+
+
+def mit_semantic_attention(num_labels: int, num_stages: int = 4) -> tuple[str, ...]:
+    """SeMask-MiT's rule for each stage's semantic attention kind (a design choice following SeMask-Swin's FPN rule
+    for the paper's ADE20K models): the last two stages global with more than 19 classes, otherwise every stage
+    windowed."""
+    num_global = min(2, num_stages) if num_labels > 19 else 0
+    return ("windowed",) * (num_stages - num_global) + ("global",) * num_global
+
+
+def mit_preset_size(name: str) -> str:
+    """The MiT size of a SeMask-MiT preset, e.g. "b0"."""
+    if name not in MIT_PRESET_NAMES:
+        raise ValueError(f"Unknown SeMask-MiT preset {name!r}; expected one of: {', '.join(MIT_PRESET_NAMES)}.")
+    return name.split("-")[2]
+
+
+def mit_preset(name: str) -> dict:
+    """Keyword arguments of `SemaskMitConfig` for a SeMask-MiT model, e.g. ``"semask-mit-b0-ade20k"``: SegFormer's
+    MiT size with the ADE20K labels, the all-MLP head and one semantic block per stage (kinds left to the config's
+    rule)."""
+    return {**MIT_SIZES[mit_preset_size(name)], **MIT_STAGE_SETTINGS, "id2label": dict(enumerate(ADE20K_LABELS))}
+
+
+def mit_processing(name: str) -> dict:
+    """Keyword arguments of `SemaskImageProcessor` for a SeMask-MiT preset: SegFormer's ADE20K test pipeline."""
+    settings = MIT_PROCESSING[mit_preset_size(name)]
+    return {**settings, "size": dict(settings["size"])}
