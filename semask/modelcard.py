@@ -205,10 +205,13 @@ def preset_dataset(preset: str) -> str:
 
 
 def model_kind(config: PreTrainedConfig) -> str:
-    """The `MODEL_KINDS` key of the model `config` describes: "fpn", "mask2former" or "maskformer"."""
-    return next(
-        kind for kind, (_, config_class, _, _) in reversed(MODEL_KINDS.items()) if isinstance(config, config_class)
-    )
+    """The `MODEL_KINDS` key of the model `config` describes: "fpn", "mask2former" or "maskformer"; a ValueError for
+    the others (SeMask-MiT has no model card yet)."""
+    for kind, (_, config_class, _, _) in reversed(MODEL_KINDS.items()):
+        if isinstance(config, config_class):
+            return kind
+    names = ", ".join(name for name, *_ in MODEL_KINDS.values())
+    raise ValueError(f"Model cards describe {names} models, not a {type(config).__name__}.")
 
 
 def is_mask_classification(config: PreTrainedConfig) -> bool:
