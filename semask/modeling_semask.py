@@ -819,7 +819,7 @@ class SemaskForSemanticSegmentation(SemanticSegmentationLossMixin, SemaskPreTrai
         """
         if labels is not None:
             self.check_labels(labels, pixel_values)
-        outputs = self.semask(pixel_values, **kwargs)
+        outputs = self.semask(pixel_values, return_dict=True, **kwargs)  # not `config.return_dict`, shared
         logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
         loss = self.segmentation_loss(logits, semantic_logits, labels) if labels is not None else None
         return SemaskSemanticSegmenterOutput(
@@ -849,7 +849,7 @@ class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images of any size.
         """
-        outputs = self.semask(pixel_values, **kwargs)
+        outputs = self.semask(pixel_values, return_dict=True, **kwargs)  # not `config.return_dict`, shared
         maps = dict(zip(self.stage_names[1:], outputs.feature_maps))
         maps["stem"] = tokens_to_map(outputs.hidden_states[0], outputs.feature_maps[0].shape[-2:])
         return BackboneOutput(

@@ -48,7 +48,15 @@ class SemaskModulatedDeformConv(nn.Module):
         limit = float(max(hidden_states.shape[-2:]) + 2 * self.padding + 1)
         offset = offset.nan_to_num(nan=limit).clamp(-limit, limit)
         mask = modulation.sigmoid()
-        return deform_conv2d(hidden_states, offset, self.weight, self.bias, padding=self.padding, mask=mask)
+        # torchvision has no bfloat16 CPU kernel and no CPU autocast for it: half precision runs in float32, with every
+        # input in one dtype (under autocast the offsets come in half precision), and returns in the weights' dtype.
+        dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            hidden_states, offset, weight, bias, mask = (
+                tensor.to(dtype) for tensor in (hidden_states, offset, self.weight, self.bias, mask)
+            )
+            output = deform_conv2d(hidden_states, offset, weight, bias, padding=self.padding, mask=mask)
+        return output.to(self.weight.dtype)
 
 
 class SemaskFaPNConv2d(nn.Conv2d):
@@ -86,7 +94,7 @@ class SemaskFaPNLevel(nn.Module):
         lateral = self.lateral(features)
         top_down = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode=self.upsampling)
         offsets = self.norm(self.offset(torch.cat([lateral, 2 * top_down], dim=1)))
-        aligned = F.relu(self.deform_conv(top_down.float(), offsets.float())) + lateral
+        aligned = F.relu(self.deform_conv(top_down, offsets)) + lateral
         return F.relu(self.norm(self.output(aligned)))
 
 

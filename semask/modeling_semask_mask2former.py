@@ -27,6 +27,7 @@ from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .modeling_semask import SemaskModel, with_remote_code_auto_map
 from .modeling_semask_fapn import SemaskFaPNPixelDecoder, SemaskMSFaPNPixelDecoder, init_fapn_weights
 from .modeling_semask_mask_classification import (
+    InitialiseEveryModuleMixin,
     SemanticHeadMixin,
     SemanticPriorsOutput,
     pad_to_multiple,
@@ -85,7 +86,7 @@ class SemaskMask2FormerPixelLevelModule(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> SemaskMask2FormerPixelLevelModuleOutput:
-        encoder_outputs = self.encoder(pixel_values)
+        encoder_outputs = self.encoder(pixel_values, return_dict=True)
         feature_maps = encoder_outputs.feature_maps
         decoder_outputs = self.decoder(feature_maps, output_hidden_states=output_hidden_states)
         return SemaskMask2FormerPixelLevelModuleOutput(
@@ -97,7 +98,7 @@ class SemaskMask2FormerPixelLevelModule(nn.Module):
         )
 
 
-class SemaskMask2FormerPreTrainedModel(Mask2FormerPreTrainedModel):
+class SemaskMask2FormerPreTrainedModel(InitialiseEveryModuleMixin, Mask2FormerPreTrainedModel):
     config: SemaskMask2FormerConfig
     # The Mask2Former modules do not use the attention implementation; the SeMask encoder runs "eager" or "sdpa".
     _supports_sdpa = True
@@ -107,6 +108,15 @@ class SemaskMask2FormerPreTrainedModel(Mask2FormerPreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         with_remote_code_auto_map(self.config, REMOTE_CODE_AUTO_MAP)
+
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs) -> None:
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "SeMask-Mask2Former does not support `use_reentrant=True` activation checkpointing: transformers' "
+                "Mask2Former decoder layers take tensors as keyword arguments, which reentrant checkpointing "
+                "backpropagates twice. Use the default, `use_reentrant=False`."
+            )
+        super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -220,8 +230,11 @@ class SemaskMask2FormerForUniversalSegmentation(
         """
         refuse_unknown_arguments(self, kwargs)
         self._check_targets(pixel_values, mask_labels, class_labels, labels)
-        outputs = self.model(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        outputs = self.model(  # a ModelOutput whatever `config.return_dict` (the config is shared)
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         class_queries_logits = tuple(
             self.class_predictor(states.transpose(0, 1)) for states in outputs.transformer_decoder_intermediate_states

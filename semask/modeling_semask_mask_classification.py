@@ -87,6 +87,20 @@ PASSED_ON_OUTPUTS = (
 )
 
 
+class InitialiseEveryModuleMixin:
+    """Runs `_init_weights` on every module, as transformers does for the models it ships.
+
+    transformers counts every model class outside its package as custom code and skips `_init_weights` for such
+    models' modules without weights of their own, but the `_init_weights` of Mask2Former and MaskFormer set such
+    modules' children (the deformable attention's sampling offsets, the Xavier initialisation of the decoder layers
+    and projections). Every `_init_weights` here initialises through `transformers.initialization`, which leaves
+    loaded weights alone by itself.
+    """
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        super()._initialize_weights(module, is_custom_code=False)
+
+
 class SemanticHeadMixin:
     """The semantic head, targets, checks and losses of a SeMask mask classification model: transformers' mask
     classification losses (`get_loss_dict`, `criterion`, `get_loss`) plus the semantic head's cross-entropy. Needs

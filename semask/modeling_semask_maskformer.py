@@ -29,6 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_semask_maskformer import SemaskMaskFormerConfig
 from .modeling_semask import SemaskModel, with_remote_code_auto_map
 from .modeling_semask_mask_classification import (
+    InitialiseEveryModuleMixin,
     SemanticHeadMixin,
     SemanticPriorsOutput,
     pad_to_multiple,
@@ -104,7 +105,7 @@ class SemaskMaskFormerPixelLevelModule(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> SemaskMaskFormerPixelLevelModuleOutput:
-        encoder_outputs = self.encoder(pixel_values)
+        encoder_outputs = self.encoder(pixel_values, return_dict=True)
         feature_maps = encoder_outputs.feature_maps
         decoder_outputs = self.decoder(feature_maps, output_hidden_states=output_hidden_states)
         return SemaskMaskFormerPixelLevelModuleOutput(
@@ -116,7 +117,7 @@ class SemaskMaskFormerPixelLevelModule(nn.Module):
         )
 
 
-class SemaskMaskFormerPreTrainedModel(MaskFormerPreTrainedModel):
+class SemaskMaskFormerPreTrainedModel(InitialiseEveryModuleMixin, MaskFormerPreTrainedModel):
     config: SemaskMaskFormerConfig
     _supports_sdpa = True
     supports_gradient_checkpointing = True
@@ -242,8 +243,11 @@ class SemaskMaskFormerForInstanceSegmentation(
         """
         refuse_unknown_arguments(self, kwargs)
         self._check_targets(pixel_values, mask_labels, class_labels, labels)
-        outputs = self.model(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        outputs = self.model(  # a ModelOutput whatever `config.return_dict` (the config is shared)
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         # Every layer's queries predict classes and masks (the original TransformerPredictor with deep supervision).
         queries = torch.stack(outputs.transformer_decoder_intermediate_states)

@@ -120,7 +120,6 @@ class ModelCase:
             once the zero-initialised weights they depend on have moved).
         no_grad_always: parameter-name pattern -> why those parameters may never get a gradient.
         checkpointed_layers: module classes of which gradient checkpointing must switch some instance on.
-        known_failures: test name -> reason: marked `xfail(strict=True)` (a bug with a patch, see the module).
         slow_tests: test name -> why it is slow: skipped unless RUN_SLOW=1 (transformers' `@slow`).
         not_run: test name -> why this class does not need it (another class runs it on the same modules).
         kernel_atol: the absolute tolerance where the same computation runs on other float32 kernels (another batch
@@ -139,7 +138,6 @@ class ModelCase:
     no_grad_at_init: dict[str, str] = field(default_factory=dict)
     no_grad_always: dict[str, str] = field(default_factory=dict)
     checkpointed_layers: tuple[type[nn.Module], ...] = ()
-    known_failures: dict[str, str] = field(default_factory=dict)
     slow_tests: dict[str, str] = field(default_factory=dict)
     not_run: dict[str, str] = field(default_factory=dict)
     kernel_atol: float = 1e-4
@@ -201,14 +199,6 @@ PIXEL_DECODER_VARIANT_NOT_RUN = dict.fromkeys(
         "test_gradient_checkpointing_use_reentrant",
     ),
     "independent of the pixel decoder: run by the model with the default one",
-)
-CUSTOM_CODE_INIT_BUG = (
-    "transformers skips `_init_weights` for modules of custom code without weights of their own, where Mask2Former "
-    "and MaskFormer initialise their children: see /tmp/common_tests_patches/custom_code_init_shortcut.diff"
-)
-RETURN_DICT_BUG = (
-    "config.return_dict=False reaches the nested model, whose tuple the head then reads as a ModelOutput: see "
-    "/tmp/common_tests_patches/return_dict_nested.diff"
 )
 
 
@@ -380,7 +370,7 @@ def captured_warnings(caplog, call: Callable[[], object]) -> str:
 
 
 class CaseChecks:
-    """The base of the check groups: `case`, the shared model and inputs, and the known failures as strict xfails."""
+    """The base of the check groups: `case`, the shared model and inputs, its skipped and slow checks."""
 
     case: ModelCase
 
@@ -391,8 +381,6 @@ class CaseChecks:
             pytest.skip(self.case.not_run[name])
         if name in self.case.slow_tests and not RUN_SLOW:
             pytest.skip(f"slow ({self.case.slow_tests[name]}): set RUN_SLOW=1 to run")
-        if name in self.case.known_failures:
-            request.applymarker(pytest.mark.xfail(strict=True, reason=self.case.known_failures[name]))
 
     @pytest.fixture(scope="class", autouse=True)
     @classmethod

@@ -50,3 +50,11 @@ def test_integer_pixel_values_are_refused_naming_the_dtype():
     model = SemaskForSemanticSegmentation(SemaskConfig(**tiny_config_kwargs())).eval()
     with pytest.raises(TypeError, match=r"pixel_values must be floating point .* got torch\.uint8"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_mask2former_refuses_reentrant_checkpointing():
+    model = SemaskMask2FormerForUniversalSegmentation(SemaskMask2FormerConfig(**tiny_mask2former_config_kwargs()))
+    with pytest.raises(ValueError, match=r"does not support `use_reentrant=True`.*Use the default"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    model.activation_checkpointing_enable()  # the default, non-reentrant
+    assert model.is_gradient_checkpointing

@@ -6,27 +6,14 @@ The segmentation model with the deformable-attention decoder runs every group; w
 output group (the outputs are those of the same transformer decoder); `SemaskMask2FormerModel` the core, output and
 initialisation groups. `torch.export` runs with RUN_SLOW=1 (10-50 s on 2 cores).
 
-Known failures (strict xfails, patches in /tmp/common_tests_patches/):
-- `config.return_dict = False`: the segmentation model reads the nested model's tuple as a ModelOutput
-  (return_dict_nested.diff);
-- reentrant gradient checkpointing crashes in the backward pass: transformers' Mask2Former decoder layers take tensors
-  as keyword arguments, which `use_reentrant=True` does not support (mask2former_reentrant_checkpointing.diff);
-- initialisation: transformers skips `_init_weights` of custom-code modules without weights of their own, which is
-  where Mask2Former initialises the deformable attention's sampling offsets and attention weights, the decoder layers'
-  and the input projections' weights (custom_code_init_shortcut.diff);
-- FaPN / MSFaPN in float64, float16, bfloat16 and under bfloat16 autocast: the aligned level casts its inputs to
-  float32 whatever the weights' dtype, and torchvision's deformable convolution has neither a bfloat16 CPU kernel nor
-  CPU autocast (fapn_dtype.diff).
 """
 
 import math
 
 from common_checks import (
     BASE_MODEL_NOT_RUN,
-    CUSTOM_CODE_INIT_BUG,
     MODEL_CHECKS_NOT_APPLIED,
     PIXEL_DECODER_VARIANT_NOT_RUN,
-    RETURN_DICT_BUG,
     SEMANTIC_GATES_AT_ZERO,
     CoreChecks,
     ExportChecks,
@@ -47,18 +34,15 @@ from conftest import tiny_mask2former_config_kwargs
 from semask import SemaskMask2FormerConfig, SemaskMask2FormerForUniversalSegmentation, SemaskMask2FormerModel
 from semask.modeling_semask import SemaskSemanticLayer
 
-REENTRANT_BUG = (
-    "use_reentrant=True checkpointing of transformers' Mask2Former decoder layers, which take tensors as keyword "
-    "arguments, backpropagates twice: see /tmp/common_tests_patches/mask2former_reentrant_checkpointing.diff"
-)
-FAPN_DTYPE_BUG = (
-    "the FaPN level casts its inputs to float32 whatever the weights' dtype, and under autocast hands half-precision "
-    "offsets to torchvision's float32 CPU kernel: see /tmp/common_tests_patches/fapn_dtype.diff"
-)
 FAPN_OFFSETS_AT_ZERO = {
     r"pixel_level_module\.decoder\.levels\.\d+\.offset\.weight": "DCNv2's offset and modulation convolution "
     "(`conv_offset_mask`) starts at zero, so the offset features it reads get no gradient until it moves; the "
     "offset branch's GroupNorm still gets one through the output convolution, which shares it"
+}
+
+LEVEL_EMBEDDINGS = {
+    r"pixel_level_module\.decoder\.level_embed$": "the deformable attention's sampling-offset and attention-weight "
+    "projections start at zero (Mask2Former's initialisation), and the level embeddings only enter their queries"
 }
 
 
@@ -87,24 +71,13 @@ def attentions(config, batch_size: int, image_size: tuple[int, int]) -> dict[str
 
 
 def segmentation_case(pixel_decoder: str, **settings) -> ModelCase:
-    failures = {
-        "test_config_return_dict_false": RETURN_DICT_BUG,
-        "test_gradient_checkpointing_use_reentrant": REENTRANT_BUG,
-        "test_init_weights_set_every_tensor": CUSTOM_CODE_INIT_BUG,
-    }
     fapn = pixel_decoder != "msdeformattn"
-    if fapn:
-        dtype_checks = (
-            "test_all_tensors_are_parameters_or_buffers",
-            "test_half_precision_weights",
-            "test_bfloat16_autocast",
-        )
-        failures |= dict.fromkeys(dtype_checks, FAPN_DTYPE_BUG)
     return ModelCase(
         SemaskMask2FormerForUniversalSegmentation,
         config_kwargs=lambda **overrides: tiny_mask2former_config_kwargs(pixel_decoder=pixel_decoder, **overrides),
-        no_grad_at_init=SEMANTIC_GATES_AT_ZERO | (FAPN_OFFSETS_AT_ZERO if fapn else {}),
-        known_failures=failures,
+        no_grad_at_init=SEMANTIC_GATES_AT_ZERO
+        | (FAPN_OFFSETS_AT_ZERO if fapn else {})
+        | (LEVEL_EMBEDDINGS if pixel_decoder != "fapn" else {}),
         not_run=PIXEL_DECODER_VARIANT_NOT_RUN if fapn else {},
         **COMMON_SETTINGS,
         **settings,
@@ -149,7 +122,6 @@ class TestSemaskMask2FormerModel(CoreChecks, OutputChecks, InitChecks):
         SemaskMask2FormerModel,
         config_kwargs=tiny_mask2former_config_kwargs,
         counterpart_class=SemaskMask2FormerForUniversalSegmentation,
-        known_failures={"test_init_weights_set_every_tensor": CUSTOM_CODE_INIT_BUG},
         not_run=BASE_MODEL_NOT_RUN,
         **COMMON_SETTINGS,
     )

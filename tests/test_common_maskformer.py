@@ -5,21 +5,13 @@ Which of transformers' checks apply: `APPLIED` (the check -> the tests here) and
 The segmentation model runs every group; `SemaskMaskFormerModel` the core, output and initialisation groups.
 `torch.export` runs with RUN_SLOW=1 (10-35 s on 2 cores).
 
-Known failures (strict xfails, patches in /tmp/common_tests_patches/):
-- `config.return_dict = False`: the segmentation model reads the nested model's tuple as a ModelOutput
-  (return_dict_nested.diff);
-- initialisation: transformers skips `_init_weights` of custom-code modules without weights of their own, which is
-  where MaskFormer initialises the FPN's, the input projection's and the mask MLP's weights
-  (custom_code_init_shortcut.diff).
 """
 
 import math
 
 from common_checks import (
     BASE_MODEL_NOT_RUN,
-    CUSTOM_CODE_INIT_BUG,
     MODEL_CHECKS_NOT_APPLIED,
-    RETURN_DICT_BUG,
     SEMANTIC_GATES_AT_ZERO,
     CoreChecks,
     ExportChecks,
@@ -97,10 +89,6 @@ class TestSemaskMaskFormerForInstanceSegmentation(
         no_grad_at_init=SEMANTIC_GATES_AT_ZERO | DETR_ZERO_BIASES,
         no_grad_always=DETR_ZERO_QUERIES,
         checkpointed_layers=(SwinLayer, SemaskSemanticLayer, MaskFormerDetrDecoderLayer),
-        known_failures={
-            "test_config_return_dict_false": RETURN_DICT_BUG,
-            "test_init_weights_set_every_tensor": CUSTOM_CODE_INIT_BUG,
-        },
         slow_tests={"test_torch_export": "10-35 s on 2 cores"},
         **COMMON_SETTINGS,
     )
@@ -112,7 +100,6 @@ class TestSemaskMaskFormerModel(CoreChecks, OutputChecks, InitChecks):
     case = ModelCase(
         SemaskMaskFormerModel,
         counterpart_class=SemaskMaskFormerForInstanceSegmentation,
-        known_failures={"test_init_weights_set_every_tensor": CUSTOM_CODE_INIT_BUG},
         not_run=BASE_MODEL_NOT_RUN,
         **COMMON_SETTINGS,
     )

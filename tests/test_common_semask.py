@@ -6,9 +6,6 @@ Which of transformers' checks apply: `APPLIED` (the check -> the tests here) and
 run by the model with a head); `SemaskBackbone` the core and backbone groups. `torch.export` runs with RUN_SLOW=1
 (tests/test_export.py exports `SemaskForSemanticSegmentation`, with dynamic shapes and to ONNX, in every run).
 
-Known failure (strict xfail, patch in /tmp/common_tests_patches/return_dict_nested.diff): with
-`config.return_dict = False` the models with a head crash, because the nested `SemaskModel` follows the shared config
-and returns a tuple.
 """
 
 import math
@@ -16,7 +13,6 @@ import math
 from common_checks import (
     BASE_MODEL_NOT_RUN,
     MODEL_CHECKS_NOT_APPLIED,
-    RETURN_DICT_BUG,
     SEMANTIC_GATES_AT_ZERO,
     BackboneChecks,
     CoreChecks,
@@ -92,7 +88,6 @@ class TestSemaskForSemanticSegmentation(
         counterpart_class=SemaskModel,
         no_grad_at_init=SEMANTIC_GATES_AT_ZERO,
         checkpointed_layers=(SwinLayer, SemaskSemanticLayer, SemaskFPNHead),
-        known_failures={"test_config_return_dict_false": RETURN_DICT_BUG},
         **ENCODER_CASE,
     )
 
@@ -110,7 +105,6 @@ class TestSemaskBackbone(CoreChecks, BackboneChecks):
 
     case = ModelCase(
         SemaskBackbone,
-        known_failures={"test_config_return_dict_false": RETURN_DICT_BUG},
         not_run=BASE_MODEL_NOT_RUN,
         **{key: value for key, value in ENCODER_CASE.items() if key not in ("hidden_states", "attentions")},
     )
