@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Fine-tune SeMask, SeMask-Mask2Former or SeMask-MaskFormer on a segmentation dataset with transformers' Trainer
-and the original training recipes.
+"""Fine-tune SeMask, SeMask-Mask2Former, SeMask-MaskFormer or SeMask-MiT on a segmentation dataset with transformers'
+Trainer and the original training recipes.
 
     python scripts/train_semask.py --dataset_name demo --output_dir semask-demo      # CPU demo, a few minutes
     python scripts/train_semask.py --dataset_name demo --model_type semask_mask2former --output_dir m2f-demo
+    python scripts/train_semask.py --dataset_name demo --model_type semask_mit --output_dir mit-demo
     python scripts/train_semask.py --dataset_name ADEChallengeData2016 --model_name_or_path \\
         microsoft/swin-tiny-patch4-window7-224 --output_dir semask-tiny-ade --max_steps 80000 --bf16 True
     accelerate launch scripts/train_semask.py ...   # or torchrun --nproc_per_node N scripts/train_semask.py ...
@@ -13,7 +14,9 @@ Arguments: `semask.training.ModelArguments` and `RecipeArguments`, `semask.data.
 recipe's settings apply: SeMask-FPN's (lr 1e-4, weight decay 1e-4, 1500 warm-up steps); for SeMask-Mask2Former
 (`--model_type semask_mask2former`, a Mask2Former preset or checkpoint) Mask2Former's (`MASK2FORMER_DEFAULTS` and
 its test-time resize for ADE20K / Cityscapes); for SeMask-MaskFormer (`--model_type semask_maskformer`) the released
-SeMask-L MaskFormer config's (`MASKFORMER_DEFAULTS`, the same test-time resize). `--dataset_name demo` also selects
+SeMask-L MaskFormer config's (`MASKFORMER_DEFAULTS`, the same test-time resize); for SeMask-MiT
+(`--model_type semask_mit`, a MiT preset, a SeMask-MiT or SegFormer checkpoint) SegFormer's (`MIT_DEFAULTS`: the
+head at `--learning_rate`, the encoder at 0.1x that). `--dataset_name demo` also selects
 demo-sized settings (`DEMO_DEFAULTS`: a tiny model, small crops, a short schedule). The output folder gets the model,
 its image processor, a model card (README.md), `eval_results.json`, `training_curves.png` and overlay PNGs of a few
 validation predictions (`predictions/`).
@@ -37,6 +40,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 import semask  # noqa: F401  (importing semask registers its models with the Auto classes)
+from semask.allocator import keep_freed_memory
 from semask.cli import overlay_image
 from semask.data import (
     DatasetArguments,
@@ -100,8 +104,17 @@ MASKFORMER_DEFAULTS = {
     "backbone_lr_multiplier": 1.0,
     "warmup_steps": 1500,
 }
-# The recipe defaults of each mask classification model kind.
-MASK_CLASSIFICATION_DEFAULTS = {"semask_mask2former": MASK2FORMER_DEFAULTS, "semask_maskformer": MASKFORMER_DEFAULTS}
+# SegFormer's mmseg 0.x ADE20K recipe, for SeMask-MiT: AdamW at 6e-5 with weight decay 0.01 and the decode head at
+# 10x (here: the head at 6e-4, the encoder at 0.1x, the same rates and decoupled decay), poly decay (power 1) after
+# 1500 linear warm-up steps from 1e-6.
+MIT_DEFAULTS = {"learning_rate": 6e-4, "backbone_lr_multiplier": 0.1, "weight_decay": 0.01, "warmup_steps": 1500}
+# The recipe defaults of the model kinds other than SeMask-FPN.
+MODEL_DEFAULTS = {
+    "semask_mask2former": MASK2FORMER_DEFAULTS,
+    "semask_maskformer": MASKFORMER_DEFAULTS,
+    "semask_mit": MIT_DEFAULTS,
+}
+MASK_CLASSIFICATION_KINDS = ("semask_mask2former", "semask_maskformer")
 # `--dataset_name demo`: a tiny model trained for a few minutes on the CPU (where no GPU is available).
 DEMO_PRESET = "tiny"
 DEMO_DEFAULTS = {
@@ -126,6 +139,13 @@ MASK2FORMER_DEMO_DEFAULTS = {
     "warmup_steps": 0,
     "backbone_lr_multiplier": 1.0,
 }
+# The demo's SeMask-MiT: its randomly initialised encoder learns at the head's rate.
+MIT_DEMO_DEFAULTS = {"backbone_lr_multiplier": 1.0}
+DEMO_MODEL_DEFAULTS = {
+    "semask_mask2former": MASK2FORMER_DEMO_DEFAULTS,
+    "semask_maskformer": MASK2FORMER_DEMO_DEFAULTS,
+    "semask_mit": MIT_DEMO_DEFAULTS,
+}
 NUM_PREDICTION_IMAGES = 4
 
 
@@ -145,8 +165,8 @@ def as_arguments(name: str, value) -> list[str]:
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, RecipeArguments, TrainingArguments]:
-    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS`, `MASK_CLASSIFICATION_DEFAULTS` for
-    SeMask-Mask2Former and SeMask-MaskFormer, and `DEMO_DEFAULTS` / `MASK2FORMER_DEMO_DEFAULTS` for the demo data."""
+    """Parse `argv`, filling options the user did not give from `RECIPE_DEFAULTS`, `MODEL_DEFAULTS` for the other
+    model kinds, and `DEMO_DEFAULTS` and `DEMO_MODEL_DEFAULTS` for the demo data."""
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
     given = explicit_options(argv)
     if "help" in given or "-h" in argv:
@@ -161,12 +181,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DatasetArguments, 
     model_parser = HfArgumentParser(ModelArguments, allow_abbrev=False)
     model_args = model_parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[0]
     model_type = resolve_model_type(model_args)
-    mask_classification = model_type in MASK_CLASSIFICATION_DEFAULTS
+    mask_classification = model_type in MASK_CLASSIFICATION_KINDS
     defaults = {
         **RECIPE_DEFAULTS,
-        **MASK_CLASSIFICATION_DEFAULTS.get(model_type, {}),
+        **MODEL_DEFAULTS.get(model_type, {}),
         **(DEMO_DEFAULTS if demo else {}),
-        **(MASK2FORMER_DEMO_DEFAULTS if demo and mask_classification else {}),
+        **(DEMO_MODEL_DEFAULTS.get(model_type, {}) if demo else {}),
     }
     for name, value in defaults.items():
         if name not in given:
@@ -309,6 +329,8 @@ def train(argv: list[str] | None = None) -> dict[str, float]:
             training_args.resume_from_checkpoint, training_args.output_dir
         )
     set_seed(training_args.seed)
+    if recipe.keep_freed_memory or (recipe.keep_freed_memory is None and training_args.device.type == "cpu"):
+        keep_freed_memory()
 
     data = load_segmentation_data(data_args)
     validate_segmentation_data(data, data_args.label_check_samples, seed=training_args.seed)

@@ -19,15 +19,19 @@ from transformers import PreTrainedConfig
 from .configuration_semask import SemaskConfig, settings_equal
 from .configuration_semask_mask2former import SemaskMask2FormerConfig
 from .configuration_semask_maskformer import SemaskMaskFormerConfig
+from .configuration_semask_mit import SemaskMitConfig
 from .image_processing_semask import SemaskImageProcessor
 from .inference import MS_FLIP_SCALES
 from .modeling_semask import SemaskForSemanticSegmentation
 from .modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
 from .modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentation
+from .modeling_semask_mit import SemaskMitForSemanticSegmentation
 from .presets import (
     MASK2FORMER_PRESET_NAMES,
     MASK2FORMER_PROCESSING,
     MASKFORMER_PRESET_NAMES,
+    MIT_PRESET_NAMES,
+    MIT_SIZES,
     PRESET_NAMES,
     SWIN_SIZES,
 )
@@ -107,7 +111,9 @@ MODEL_KINDS = {
         SemaskMaskFormerForInstanceSegmentation,
         MASKFORMER_PRESET_NAMES,
     ),
+    "mit": ("SeMask-MiT", SemaskMitConfig, SemaskMitForSemanticSegmentation, MIT_PRESET_NAMES),
 }
+MASK_CLASSIFICATION_KINDS = ("mask2former", "maskformer")
 # The preset settings a config must share to carry that preset's reported numbers (encoder, Mask2Former, MaskFormer
 # and its decoder).
 PRESET_ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "semantic_attention", "id2label")
@@ -205,8 +211,8 @@ def preset_dataset(preset: str) -> str:
 
 
 def model_kind(config: PreTrainedConfig) -> str:
-    """The `MODEL_KINDS` key of the model `config` describes: "fpn", "mask2former" or "maskformer"; a ValueError for
-    the others (SeMask-MiT has no model card yet)."""
+    """The `MODEL_KINDS` key of the model `config` describes: "fpn", "mask2former", "maskformer" or "mit"; a
+    ValueError for other configs."""
     for kind, (_, config_class, _, _) in reversed(MODEL_KINDS.items()):
         if isinstance(config, config_class):
             return kind
@@ -215,12 +221,12 @@ def model_kind(config: PreTrainedConfig) -> str:
 
 
 def is_mask_classification(config: PreTrainedConfig) -> bool:
-    """Whether `config` describes SeMask-Mask2Former or SeMask-MaskFormer (otherwise SeMask-FPN)."""
-    return model_kind(config) != "fpn"
+    """Whether `config` describes SeMask-Mask2Former or SeMask-MaskFormer (otherwise SeMask-FPN or SeMask-MiT)."""
+    return model_kind(config) in MASK_CLASSIFICATION_KINDS
 
 
-def encoder_config(config: PreTrainedConfig) -> SemaskConfig:
-    """The SeMask-Swin encoder's settings: the config itself (SeMask-FPN) or its `backbone_config`."""
+def encoder_config(config: PreTrainedConfig) -> SemaskConfig | SemaskMitConfig:
+    """The encoder's settings: the config itself (SeMask-FPN, SeMask-MiT) or its `backbone_config`."""
     return config.backbone_config if is_mask_classification(config) else config
 
 
@@ -256,22 +262,26 @@ def count_parameters(config: PreTrainedConfig) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def swin_size_name(config: PreTrainedConfig) -> str:
-    """The encoder's Swin size ("Swin-T", "Swin-S", "Swin-B", "Swin-L"), or "custom Swin"."""
+def encoder_size_name(config: PreTrainedConfig) -> str:
+    """The encoder's size: "Swin-T" ... "Swin-L", "MiT-B0" ... "MiT-B5", or "custom Swin" / "custom MiT"."""
     encoder = encoder_config(config)
-    for name, size in SWIN_SIZES.items():
-        if all(settings_equal(getattr(encoder, key), value) for key, value in size.items()):
-            return f"Swin-{name[0].upper()}"
-    return "custom Swin"
+    mit = model_kind(config) == "mit"
+    for name, size in (MIT_SIZES if mit else SWIN_SIZES).items():
+        encoder_keys = {key: value for key, value in size.items() if key != "decoder_hidden_size"}  # the head's
+        if all(settings_equal(getattr(encoder, key), value) for key, value in encoder_keys.items()):
+            return f"MiT-{name.upper()}" if mit else f"Swin-{name[0].upper()}"
+    return "custom MiT" if mit else "custom Swin"
 
 
 def architecture_name(config: PreTrainedConfig) -> str:
-    """ "SeMask-FPN", "SeMask-Mask2Former" or "SeMask-MaskFormer"."""
+    """ "SeMask-FPN", "SeMask-Mask2Former", "SeMask-MaskFormer" or "SeMask-MiT"."""
     return MODEL_KINDS[model_kind(config)][0]
 
 
 def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
     """The architecture section: encoder size, one table row per stage, decoder width and parameter count."""
+    if model_kind(config) == "mit":
+        return _describe_mit_architecture(config, num_parameters)
     encoder = encoder_config(config)
     rows = [
         f"| {index + 1} | {encoder.embed_dim * 2**index} | {depth} | {heads} | {blocks} | {kind} |"
@@ -313,7 +323,7 @@ def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
         [
             "## Architecture",
             "",
-            f"{architecture_name(config)}: a SeMask {swin_size_name(config)} encoder (Swin Transformer stages, each "
+            f"{architecture_name(config)}: a SeMask {encoder_size_name(config)} encoder (Swin Transformer stages, each "
             f"followed by a semantic layer that predicts a per-class prior map) and {heads}.",
             "",
             f"- Swin: embed_dim {encoder.embed_dim}, depths {list(encoder.depths)}, heads {list(encoder.num_heads)}, "
@@ -325,6 +335,53 @@ def describe_architecture(config: PreTrainedConfig, num_parameters: int) -> str:
             "",
             "| stage | width | Swin blocks | heads | semantic blocks | semantic attention |",
             "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def _describe_mit_architecture(config: SemaskMitConfig, num_parameters: int) -> str:
+    rows = [
+        f"| {index + 1} | {width} | {depth} | {heads} | {ratio} | {blocks} | {kind} |"
+        for index, (width, depth, heads, ratio, blocks, kind) in enumerate(
+            zip(
+                config.hidden_sizes,
+                config.depths,
+                config.num_attention_heads,
+                config.sr_ratios,
+                config.num_semantic_blocks,
+                config.semantic_attention,
+            )
+        )
+    ]
+    head = (
+        "SegFormer's all-MLP decode head"
+        if config.decode_head == "mlp"
+        else "the semantic-FPN decode head of SeMask-FPN"
+    )
+    return "\n".join(
+        [
+            "## Architecture",
+            "",
+            f"SeMask-MiT: a SeMask {encoder_size_name(config)} encoder (SegFormer's Mix Transformer stages, each "
+            "ending with semantic attention blocks that predict a per-class prior map) and "
+            f"{head}, with a semantic branch.",
+            "",
+            "No official SeMask-MiT code or weights exist: the paper names the Mix Transformer encoder but its code "
+            "covers Swin only, so this design follows SeMask-Swin (`docs/mit.md` in the semask repository).",
+            "",
+            f"- Mix Transformer: widths {list(config.hidden_sizes)}, depths {list(config.depths)}, heads "
+            f"{list(config.num_attention_heads)}, sequence reduction {list(config.sr_ratios)}, MLP ratios "
+            f"{list(config.mlp_ratios)}",
+            f"- Semantic blocks: window {config.semantic_window_size} (never shifted); attention kind per stage "
+            f"{list(config.semantic_attention)}",
+            f"- Decoder: {head}, {config.decoder_hidden_size} channels, output stride 4; semantic loss weight "
+            f"{config.semantic_loss_weight:g}",
+            f"- Parameters: {num_parameters / 1e6:.1f}M ({num_parameters:,})",
+            "",
+            "| stage | width | Mix Transformer blocks | heads | sequence reduction | semantic blocks | semantic "
+            "attention |",
+            "|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -472,7 +529,7 @@ def _introduction(model_id: str, config: PreTrainedConfig, preset: str | None, b
     lines = [
         f"# {model_id}",
         "",
-        f"{architecture_name(config)} ({swin_size_name(config)}) semantic segmentation model for Hugging Face "
+        f"{architecture_name(config)} ({encoder_size_name(config)}) semantic segmentation model for Hugging Face "
         "Transformers, from "
         f"[SeMask: Semantically Masked Transformers for Semantic Segmentation]({PAPER_URL}) (Jain et al.).",
     ]

@@ -747,9 +747,38 @@ def check_label_maps(labels: torch.Tensor, pixel_values: torch.Tensor, num_label
         raise ValueError(f"{message}; found {labels[invalid].unique()[:10].tolist()}.")
 
 
-class SemanticSegmentationLossMixin:
-    """SeMask-FPN's label checks and losses, for a model with a `config` and a `decode_head` (with gradient
-    checkpointing on the head, the full-resolution losses are recomputed in the backward pass)."""
+class SemanticSegmentationMixin:
+    """SeMask-FPN's forward, label checks and losses, for a model with a `config`, an encoder as its `base_model`
+    (feature maps and semantic priors) and a `decode_head` (with gradient checkpointing on the head, the
+    full-resolution losses are recomputed in the backward pass)."""
+
+    # Trainer must not pass `num_items_in_batch`: the loss normalises itself (see `config.loss_reduction`).
+    accepts_loss_kwargs = False
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> SemaskSemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images.
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
+        """
+        if labels is not None:
+            self.check_labels(labels, pixel_values)
+        outputs = self.base_model(pixel_values, return_dict=True, **kwargs)  # not `config.return_dict`, shared
+        logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
+        loss = self.segmentation_loss(logits, semantic_logits, labels) if labels is not None else None
+        return SemaskSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            semantic_logits=semantic_logits,
+            semantic_priors=outputs.semantic_priors,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            semantic_attentions=outputs.semantic_attentions,
+        )
 
     def segmentation_loss(
         self, logits: torch.Tensor, semantic_logits: torch.Tensor | None, labels: torch.Tensor
@@ -795,42 +824,14 @@ class SemanticSegmentationLossMixin:
         return total / (valid.sum() if self.config.loss_reduction == "valid_pixels" else labels.numel())
 
 
-class SemaskForSemanticSegmentation(SemanticSegmentationLossMixin, SemaskPreTrainedModel):
+class SemaskForSemanticSegmentation(SemanticSegmentationMixin, SemaskPreTrainedModel):
     """SeMask-Swin with the semantic-FPN head (the original SeMask-FPN)."""
-
-    # Trainer must not pass `num_items_in_batch`: the loss normalises itself (see `config.loss_reduction`).
-    accepts_loss_kwargs = False
 
     def __init__(self, config: SemaskConfig):
         super().__init__(config)
         self.semask = SemaskModel(config)
         self.decode_head = SemaskFPNHead(config)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> SemaskSemanticSegmenterOutput:
-        r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Normalised images.
-        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
-        """
-        if labels is not None:
-            self.check_labels(labels, pixel_values)
-        outputs = self.semask(pixel_values, return_dict=True, **kwargs)  # not `config.return_dict`, shared
-        logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
-        loss = self.segmentation_loss(logits, semantic_logits, labels) if labels is not None else None
-        return SemaskSemanticSegmenterOutput(
-            loss=loss,
-            logits=logits,
-            semantic_logits=semantic_logits,
-            semantic_priors=outputs.semantic_priors,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            semantic_attentions=outputs.semantic_attentions,
-        )
 
 
 class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
@@ -860,7 +861,7 @@ class SemaskBackbone(BackboneMixin, SemaskPreTrainedModel):
 
 
 __all__ = [
-    "SemanticSegmentationLossMixin",
+    "SemanticSegmentationMixin",
     "SemaskBackbone",
     "SemaskForSemanticSegmentation",
     "SemaskModel",

@@ -21,18 +21,16 @@ from transformers.models.segformer.modeling_segformer import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import settings_equal
 from .configuration_semask_mit import SemaskMitConfig
 from .modeling_semask import (
-    SemanticSegmentationLossMixin,
+    SemanticSegmentationMixin,
     SemaskFPNHead,
     SemaskModelOutput,
     SemaskSemanticAttention,
     SemaskSemanticBlocks,
-    SemaskSemanticSegmenterOutput,
     check_pixel_values,
     sum_of_upsampled_priors,
     summarize_keys,
@@ -296,12 +294,9 @@ class SemaskMitModel(SemaskMitPreTrainedModel):
         )
 
 
-class SemaskMitForSemanticSegmentation(SemanticSegmentationLossMixin, SemaskMitPreTrainedModel):
+class SemaskMitForSemanticSegmentation(SemanticSegmentationMixin, SemaskMitPreTrainedModel):
     """SeMask-MiT with SegFormer's all-MLP head or SeMask's semantic-FPN head (`config.decode_head`), each with the
     semantic branch, and SeMask-FPN's loss."""
-
-    # Trainer must not pass `num_items_in_batch`: the loss normalises itself (see `config.loss_reduction`).
-    accepts_loss_kwargs = False
 
     def __init__(self, config: SemaskMitConfig):
         super().__init__(config)
@@ -312,31 +307,6 @@ class SemaskMitForSemanticSegmentation(SemanticSegmentationLossMixin, SemaskMitP
             else SemaskFPNHead(config, in_channels=config.hidden_sizes)
         )
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> SemaskSemanticSegmenterOutput:
-        r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Normalised images.
-        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Ground-truth label maps with values in `[0, num_labels)` or `config.semantic_loss_ignore_index`.
-        """
-        if labels is not None:
-            self.check_labels(labels, pixel_values)
-        outputs = self.segformer(pixel_values, **kwargs)
-        logits, semantic_logits = self.decode_head(outputs.feature_maps, outputs.semantic_priors)
-        loss = self.segmentation_loss(logits, semantic_logits, labels) if labels is not None else None
-        return SemaskSemanticSegmenterOutput(
-            loss=loss,
-            logits=logits,
-            semantic_logits=semantic_logits,
-            semantic_priors=outputs.semantic_priors,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            semantic_attentions=outputs.semantic_attentions,
-        )
 
 
 __all__ = [

@@ -103,6 +103,21 @@ def tiny_maskformer_config_kwargs(**overrides) -> dict:
     }
 
 
+def tiny_mit_config_kwargs(**overrides) -> dict:
+    """A SeMask-MiT smaller than the demo's (`TINY_MIT_CONFIG`) for CPU tests: 5 labels, windowed semantic attention
+    (window 4) in stages 1-2, global in 3-4."""
+    return {
+        "hidden_sizes": (8, 16, 24, 32),
+        "depths": (1, 2, 1, 1),
+        "num_attention_heads": (1, 1, 2, 2),
+        "decoder_hidden_size": 16,
+        "id2label": {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"},
+        "semantic_window_size": 4,
+        "semantic_attention": ("windowed", "windowed", "global", "global"),
+        **overrides,
+    }
+
+
 def assert_mask_classification_outputs_match(outputs, expected: dict, num_aux: int, tolerance: dict) -> None:
     """Compare a mask classification model's outputs (run with hidden states and auxiliary logits) with an original
     fixture's: encoder features and priors, mask features, final and earlier predictions, semantic head."""

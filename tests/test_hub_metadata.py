@@ -25,10 +25,12 @@ from conftest import (
     tiny_config_kwargs,
     tiny_mask2former_config_kwargs,
     tiny_maskformer_config_kwargs,
+    tiny_mit_config_kwargs,
 )
 from semask import SemaskConfig
 from semask.configuration_semask_mask2former import SemaskMask2FormerConfig
 from semask.configuration_semask_maskformer import SemaskMaskFormerConfig
+from semask.configuration_semask_mit import SemaskMitConfig
 from semask.conversion import main
 from semask.modelcard import DATASETS, MODEL_KINDS, ORIGINAL_RESULTS, preset_dataset, write_model_card
 
@@ -53,6 +55,7 @@ TINY_CONFIGS = {
     "fpn": lambda: SemaskConfig(**tiny_config_kwargs()),
     "mask2former": lambda: SemaskMask2FormerConfig(**tiny_mask2former_config_kwargs()),
     "maskformer": lambda: SemaskMaskFormerConfig(**tiny_maskformer_config_kwargs()),
+    "mit": lambda: SemaskMitConfig(**tiny_mit_config_kwargs()),
 }
 TRAINER_METRICS = {
     "eval_loss": 0.52,

@@ -75,7 +75,7 @@ def test_model_kind_comes_from_the_flag_preset_or_checkpoint(tmp_path, tiny_mode
         resolve_model_type(ModelArguments(preset="semask-tiny-fpn-ade20k", model_type=MASK2FORMER))
     with pytest.raises(ValueError, match="Unknown preset 'semask-huge'; expected one of: tiny, semask-tiny-fpn"):
         resolve_model_type(ModelArguments(preset="semask-huge"))
-    expected = "--model_type must be one of semask, semask_mask2former, semask_maskformer; got 'mask2former'"
+    expected = "--model_type must be one of semask, semask_mask2former, semask_maskformer, semask_mit; got"
     with pytest.raises(ValueError, match=expected):
         ModelArguments(preset="tiny", model_type="mask2former")
 

@@ -11,27 +11,20 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from transformers import SegformerConfig, SegformerForImageClassification, SegformerForSemanticSegmentation
 
-from conftest import train_steps
+from conftest import tiny_mit_config_kwargs, train_steps
 from semask import SemaskMitConfig, SemaskMitForSemanticSegmentation, SemaskMitModel
 from semask.cpu_inference import use_plain_modules
 from semask.presets import MIT_PRESET_NAMES, mit_processing, mit_semantic_attention
 
-ARCH = {"hidden_sizes": (8, 16, 24, 32), "depths": (1, 2, 1, 1), "num_attention_heads": (1, 1, 2, 2)}
-LABELS = {0: "sky", 1: "road", 2: "tree", 3: "car", 4: "person"}
+ARCH = {key: tiny_mit_config_kwargs()[key] for key in ("hidden_sizes", "depths", "num_attention_heads")}
+LABELS = tiny_mit_config_kwargs()["id2label"]
 # SegFormer's parameter counts (millions, ADE20K heads) in its paper, per MiT size.
 SEGFORMER_PARAMS = {"b0": 3.8, "b1": 13.7, "b2": 27.5, "b3": 47.3, "b4": 64.1, "b5": 84.7}
 
 
 def mit_config(**overrides) -> SemaskMitConfig:
-    """A tiny SeMask-MiT: 5 labels, windowed semantic attention (window 4) in stages 1-2, global in 3-4."""
-    settings = {
-        **ARCH,
-        "decoder_hidden_size": 16,
-        "id2label": LABELS,
-        "semantic_window_size": 4,
-        "semantic_attention": ("windowed", "windowed", "global", "global"),
-    }
-    return SemaskMitConfig(**{**settings, **overrides})
+    """The tiny SeMask-MiT of `tiny_mit_config_kwargs`."""
+    return SemaskMitConfig(**tiny_mit_config_kwargs(**overrides))
 
 
 def set_gammas(model: torch.nn.Module, value: float) -> None:

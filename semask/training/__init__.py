@@ -31,6 +31,12 @@ crops (`cat_max_ratio` 1) and crops padded with the pixel value 128 before norma
 training script makes these the defaults for this model. OHEM is refused: it applies to per-pixel logits.
 Evaluation scores the classes with the original semantic inference (`semantic_scores_for_metrics`).
 
+SeMask-MiT (SegFormer's mmseg 0.x ADE20K configs, which the design follows as it does SeMask-Swin): AdamW at 6e-5
+with weight decay 0.01 (none on LayerNorms), the decode head at 10x that rate, poly decay (power 1) after 1500
+linear warm-up steps, SeMask-FPN's augmentation. The script expresses the head's 10x as `learning_rate` 6e-4 and
+`backbone_lr_multiplier` 0.1 for the encoder (its semantic blocks included), which gives every parameter the same
+learning rate and decoupled weight decay as SegFormer's optimiser.
+
 Modules: `arguments` (the script's `ModelArguments` and `RecipeArguments`), `init` (model initialisation),
 `augmentation` (transforms, dataset transforms, collator) and `trainer` (`SemaskTrainer`, optimiser groups, schedule,
 OHEM).
@@ -53,6 +59,7 @@ from .init import (
     TINY_CONFIG,
     TINY_MASK2FORMER_CONFIG,
     TINY_MASKFORMER_CONFIG,
+    TINY_MIT_CONFIG,
     InitialisationReport,
     initialise_model,
     preset_config,
@@ -71,6 +78,7 @@ __all__ = [
     "TINY_CONFIG",
     "TINY_MASK2FORMER_CONFIG",
     "TINY_MASKFORMER_CONFIG",
+    "TINY_MIT_CONFIG",
     "CatMaxRatioRandomCrop",
     "EvalTransform",
     "InitialisationReport",

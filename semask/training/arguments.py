@@ -5,11 +5,13 @@ from dataclasses import dataclass, field
 from ..configuration_semask import SemaskConfig
 from ..configuration_semask_mask2former import PIXEL_DECODERS, SemaskMask2FormerConfig
 from ..configuration_semask_maskformer import SemaskMaskFormerConfig
+from ..configuration_semask_mit import SemaskMitConfig
 
 MODEL_NAMES = {
     SemaskConfig.model_type: "SeMask",
     SemaskMask2FormerConfig.model_type: "SeMask-Mask2Former",
     SemaskMaskFormerConfig.model_type: "SeMask-MaskFormer",
+    SemaskMitConfig.model_type: "SeMask-MiT",
 }
 """The model kinds the training script trains (`--model_type`), with their display names."""
 
@@ -21,10 +23,10 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A SeMask, SeMask-Mask2Former or SeMask-MaskFormer model folder or Hub id (a different label set "
-            "re-initialises the "
-            "class projections of the semantic layers and the classifier), or a transformers Swin checkpoint "
-            "(encoder only)."
+            "help": "A SeMask, SeMask-Mask2Former, SeMask-MaskFormer or SeMask-MiT model folder or Hub id (a different "
+            "label set re-initialises the class projections of the semantic layers and the classifier), a "
+            "transformers Swin checkpoint (encoder only) or a SegFormer / MiT one (SeMask-MiT: its encoder, and its "
+            "MLP head where it fits)."
         },
     )
     preset: str | None = field(
@@ -32,7 +34,7 @@ class ModelArguments:
         metadata={
             "help": "Random weights in a released architecture "
             f"({', '.join(SemaskConfig.preset_names + SemaskMask2FormerConfig.preset_names)}, "
-            f"{', '.join(SemaskMaskFormerConfig.preset_names)}) or 'tiny' (a small "
+            f"{', '.join(SemaskMaskFormerConfig.preset_names + SemaskMitConfig.preset_names)}) or 'tiny' (a small "
             "demo model); the label set comes from the data."
         },
     )
@@ -40,7 +42,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": f"The model to train: {', '.join(f'{key} ({name})' for key, name in MODEL_NAMES.items())}. "
-            "Default: the checkpoint's or preset's kind; SeMask (FPN) for Swin checkpoints and 'tiny'."
+            "Default: the checkpoint's or preset's kind; SeMask-MiT for SegFormer checkpoints, SeMask (FPN) for Swin "
+            "checkpoints and 'tiny'."
         },
     )
     drop_path_rate: float | None = field(
@@ -125,6 +128,14 @@ class RecipeArguments:
         metadata={"help": "Keep pixels whose true-class probability is below this (None: the highest losses)."},
     )
     ohem_min_kept: int = field(default=100000, metadata={"help": "Pixels kept per image at least."})
+    keep_freed_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "glibc keeps freed memory for reuse instead of mapping each step's large activations afresh "
+            "(`semask.allocator.keep_freed_memory`: fewer page faults, the same numbers; the process keeps its peak "
+            "memory). Default: on when training on the CPU."
+        },
+    )
     sync_batch_norm: bool = field(
         default=True,
         metadata={"help": "Multi-GPU runs: BatchNorm statistics over all processes' batches (the original's SyncBN)."},

@@ -1,4 +1,5 @@
-"""Model initialisation for training: a checkpoint of the model's kind, a Swin checkpoint, a preset or "tiny"."""
+"""Model initialisation for training: a checkpoint of the model's kind, a Swin or SegFormer checkpoint, a preset or
+"tiny"."""
 
 import logging
 from dataclasses import dataclass, field
@@ -8,10 +9,12 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from ..configuration_semask import SemaskConfig
 from ..configuration_semask_mask2former import SemaskMask2FormerConfig
 from ..configuration_semask_maskformer import SemaskMaskFormerConfig
+from ..configuration_semask_mit import SemaskMitConfig
 from ..modelcard import encoder_config
 from ..modeling_semask import SemaskForSemanticSegmentation, load_swin, summarize_keys, swin_encoder_settings
 from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentation
 from ..modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentation
+from ..modeling_semask_mit import SemaskMitForSemanticSegmentation
 from .arguments import MODEL_NAMES, ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -57,16 +60,30 @@ TINY_MASKFORMER_CONFIG = {
 }
 """A SeMask-MaskFormer with the encoder of `TINY_CONFIG` (`--preset tiny --model_type semask_maskformer`)."""
 
+TINY_MIT_CONFIG = {
+    "hidden_sizes": (32, 64, 128, 256),
+    "depths": (2, 2, 2, 2),
+    "num_attention_heads": (1, 2, 4, 8),
+    "semantic_window_size": 4,
+    "decoder_hidden_size": 64,
+    "drop_path_rate": 0.1,
+}
+"""A SeMask-MiT (MiT-B0's depths, heads and sequence reduction, narrower) for the CPU demo (`--preset tiny
+--model_type semask_mit`)."""
+
 MODEL_CLASSES = {
     SemaskConfig.model_type: SemaskForSemanticSegmentation,
     SemaskMask2FormerConfig.model_type: SemaskMask2FormerForUniversalSegmentation,
     SemaskMaskFormerConfig.model_type: SemaskMaskFormerForInstanceSegmentation,
+    SemaskMitConfig.model_type: SemaskMitForSemanticSegmentation,
 }
 TINY_CONFIGS = {
     SemaskConfig.model_type: TINY_CONFIG,
     SemaskMask2FormerConfig.model_type: TINY_MASK2FORMER_CONFIG,
     SemaskMaskFormerConfig.model_type: TINY_MASKFORMER_CONFIG,
+    SemaskMitConfig.model_type: TINY_MIT_CONFIG,
 }
+
 # Where SeMask-Mask2Former and SeMask-MaskFormer keep their SeMask-Swin encoder.
 MASK_CLASSIFICATION_ENCODER = "model.pixel_level_module.encoder"
 
@@ -98,10 +115,10 @@ class InitialisationReport:
 
 
 def resolve_model_type(args: ModelArguments) -> str:
-    """The kind of model to train, "semask" (SeMask-FPN), "semask_mask2former" or "semask_maskformer": `--model_type`,
-    which must agree with the preset's or checkpoint's kind; for "tiny", Swin checkpoints and no model it defaults to
-    SeMask-FPN."""
-    implied, source = None, None
+    """The kind of model to train, "semask" (SeMask-FPN), "semask_mask2former", "semask_maskformer" or "semask_mit":
+    `--model_type`, which must agree with the preset's or checkpoint's kind (a SegFormer checkpoint implies
+    SeMask-MiT); for "tiny", Swin checkpoints and no model it defaults to SeMask-FPN."""
+    implied, source, checkpoint_type = None, None, None
     if args.preset:
         kinds = [
             kind for kind, model_class in MODEL_CLASSES.items() if args.preset in model_class.config_class.preset_names
@@ -118,25 +135,34 @@ def resolve_model_type(args: ModelArguments) -> str:
         source = f"the preset {args.preset!r}"
     elif args.model_name_or_path:
         checkpoint_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
-        if checkpoint_type not in (*MODEL_CLASSES, "swin"):
+        if checkpoint_type not in (*MODEL_CLASSES, "swin", "segformer"):
             raise ValueError(
-                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a SeMask, "
-                "SeMask-Mask2Former, SeMask-MaskFormer or Swin one."
+                f"{args.model_name_or_path} is a {checkpoint_type!r} checkpoint; expected a "
+                f"{', '.join(MODEL_NAMES.values())}, Swin or SegFormer one."
             )
-        implied = checkpoint_type if checkpoint_type in MODEL_CLASSES else None
+        implied = {"segformer": SemaskMitConfig.model_type}.get(checkpoint_type, checkpoint_type)
+        implied = implied if implied in MODEL_CLASSES else None
         source = f"the checkpoint {args.model_name_or_path}"
     if args.model_type and implied and args.model_type != implied:
         raise ValueError(f"--model_type {args.model_type} contradicts {source}, which is a {implied!r} model.")
-    return args.model_type or implied or SemaskConfig.model_type
+    model_type = args.model_type or implied or SemaskConfig.model_type
+    if checkpoint_type == "swin" and model_type == SemaskMitConfig.model_type:
+        raise ValueError(
+            f"{MODEL_NAMES[model_type]} has a Mix Transformer encoder: start it from a SegFormer / MiT checkpoint, "
+            f"not the Swin checkpoint {args.model_name_or_path}."
+        )
+    return model_type
 
 
 def initialise_model(args: ModelArguments, id2label: dict[int, str]) -> tuple[PreTrainedModel, InitialisationReport]:
-    """A SeMask-FPN, SeMask-Mask2Former or SeMask-MaskFormer model (`resolve_model_type`) for the label set
-    `id2label`, from a checkpoint of that kind, a Swin checkpoint, a preset or "tiny"."""
+    """A SeMask-FPN, SeMask-Mask2Former, SeMask-MaskFormer or SeMask-MiT model (`resolve_model_type`) for the label
+    set `id2label`, from a checkpoint of that kind, a Swin (SeMask-MiT: SegFormer) checkpoint, a preset or "tiny"."""
     if args.model_name_or_path and args.preset:
         raise ValueError("Pass either --model_name_or_path or --preset, not both.")
     if not args.preset and not args.model_name_or_path:
-        raise ValueError("No model given: pass --model_name_or_path (SeMask or Swin checkpoint) or --preset.")
+        raise ValueError(
+            "No model given: pass --model_name_or_path (a SeMask, Swin or SegFormer checkpoint) or --preset."
+        )
     model_type = resolve_model_type(args)
     labels = {"id2label": dict(id2label), "label2id": {name: index for index, name in id2label.items()}}
     if args.pixel_decoder is not None and model_type != SemaskMask2FormerConfig.model_type:
@@ -151,6 +177,8 @@ def initialise_model(args: ModelArguments, id2label: dict[int, str]) -> tuple[Pr
     checkpoint_config = AutoConfig.from_pretrained(args.model_name_or_path)
     if checkpoint_config.model_type == "swin":
         return _model_from_swin(args.model_name_or_path, model_type, labels, args.drop_path_rate, decoder)
+    if checkpoint_config.model_type == "segformer":
+        return _model_from_segformer(args.model_name_or_path, labels, args.drop_path_rate)
     if decoder and decoder["pixel_decoder"] != checkpoint_config.pixel_decoder:
         raise ValueError(
             f"--pixel_decoder {args.pixel_decoder} contradicts the checkpoint {args.model_name_or_path}, whose pixel "
@@ -201,6 +229,19 @@ def _model_from_swin(
     fresh = [name for name in model.state_dict() if not name.startswith(f"{MASK_CLASSIFICATION_ENCODER}.")]
     fresh += [f"{MASK_CLASSIFICATION_ENCODER}.{name}" for name in info["missing_keys"]]
     return model, InitialisationReport(source, sorted(fresh), sorted(info["unexpected_keys"]))
+
+
+def _model_from_segformer(
+    path: str, labels: dict[str, dict], drop_path_rate: float | None
+) -> tuple[PreTrainedModel, InitialisationReport]:
+    overrides = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
+    model, info = SemaskMitForSemanticSegmentation.from_segformer_pretrained(
+        path, output_loading_info=True, **labels, **overrides
+    )
+    report = InitialisationReport(
+        f"the SegFormer checkpoint {path}", sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    )
+    return model, report
 
 
 def _model_from_checkpoint(

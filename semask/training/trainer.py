@@ -23,6 +23,7 @@ from ..inference import is_mask_classification, semantic_inference
 from ..modeling_semask import SemaskModel
 from ..modeling_semask_mask2former import SemaskMask2FormerForUniversalSegmentationOutput
 from ..modeling_semask_maskformer import SemaskMaskFormerForInstanceSegmentationOutput
+from ..modeling_semask_mit import SemaskMitModel
 from .arguments import RecipeArguments
 
 logger = logging.getLogger(__name__)
@@ -80,12 +81,13 @@ def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def scale_encoder_learning_rate(optimizer: torch.optim.Optimizer, model: nn.Module, multiplier: float) -> None:
-    """Move the SeMask-Swin encoder's parameters of each parameter group of `optimizer` into a copy of that group
-    whose learning rate is `multiplier` times the group's (the original Mask2Former's backbone multiplier)."""
+    """Move the encoder's (SeMask-Swin's or SeMask-MiT's) parameters of each parameter group of `optimizer` into a
+    copy of that group whose learning rate is `multiplier` times the group's (the original Mask2Former's backbone
+    multiplier; SeMask-MiT's 0.1 against its head's 10x)."""
     encoder_ids = {
         id(parameter)
         for module in model.modules()
-        if isinstance(module, SemaskModel)
+        if isinstance(module, (SemaskModel, SemaskMitModel))
         for parameter in module.parameters()
     }
     for group in list(optimizer.param_groups):
