@@ -1,8 +1,10 @@
-"""Speed, memory and FLOPs of SeMask-FPN against its plain Swin-FPN baseline, UperNet+Swin and Segformer, in one run.
+"""Speed, memory and FLOPs of SeMask-FPN against its plain Swin-FPN baseline, UperNet+Swin and Segformer, and of
+SeMask-MiT against Segformer, in one run.
 
     .venv/bin/python scripts/benchmark.py --sizes tiny --resolutions 512 --threads 2 --markdown results.md
     .venv/bin/python scripts/benchmark.py --device cuda --tasks train --batch-sizes 8 --models semask swin-fpn \\
         --dtypes fp32 bf16 --compile off on --checkpointing off on --markdown train-gpu.md
+    .venv/bin/python scripts/benchmark.py --models semask-mit segformer --reference segformer --markdown mit.md
 
 Every case runs in its own subprocess (so peak memory is the case's own) with random weights: latency (median,
 min, max over warm runs), throughput, peak memory, FLOPs (torch.utils.flop_counter) and the achieved GFLOP/s
@@ -42,11 +44,11 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
-from semask import SemaskConfig, SemaskForSemanticSegmentation
+from semask import SemaskConfig, SemaskForSemanticSegmentation, SemaskMitConfig, SemaskMitForSemanticSegmentation
 from semask.allocator import keep_freed_memory
 from semask.presets import SWIN_SIZES
 
-MODELS = ("semask", "swin-fpn", "upernet-swin", "segformer")
+MODELS = ("semask", "swin-fpn", "upernet-swin", "segformer", "semask-mit")
 CROP_SIZES = {"tiny": 512, "small": 512, "base": 512, "large": 640}
 # Segformer variants of comparable size: B2 ~ Swin-T, B3 ~ Swin-S, B4 ~ Swin-B, B5 ~ Swin-L.
 SEGFORMER_SIZES = {
@@ -87,6 +89,9 @@ def build_model(case: Case) -> torch.nn.Module:
     if case.model == "segformer":
         config = SegformerConfig(**SEGFORMER_WIDE, **SEGFORMER_SIZES[case.size], num_labels=NUM_LABELS)
         return SegformerForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
+    if case.model == "semask-mit":  # SegFormer's encoder and MLP head with one semantic block per stage
+        config = SemaskMitConfig(**SEGFORMER_WIDE, **SEGFORMER_SIZES[case.size], num_labels=NUM_LABELS)
+        return SemaskMitForSemanticSegmentation._from_config(config, attn_implementation=case.attention)
     raise ValueError(f"Unknown model {case.model!r}; expected one of {MODELS}.")
 
 

@@ -1,6 +1,7 @@
 """scripts/benchmark.py: FLOP formulas against the plain ops, the derived columns from known inputs, the GEMM rate's
 device and timing, and a real run end to end."""
 
+import dataclasses
 import json
 import statistics
 
@@ -227,3 +228,13 @@ def test_device_choice_and_a_clear_refusal_without_a_gpu(monkeypatch):
         benchmark.resolve_device("cuda")
     args = benchmark.parse_args(["--device", "cpu", "--tasks", "train", "--models", "semask", "swin-fpn"])
     assert {case.device for case in benchmark.cases_from_args(args)} == {"cpu"}
+
+
+def test_semask_mit_rows_compare_with_segformer_on_the_same_encoder():
+    """`semask-mit` is `segformer` of the same size plus one semantic block per stage (weights of the same names)."""
+    case = benchmark.Case("segformer", "tiny", 64, 1, "train", "sdpa", "fp32", False, False)
+    segformer = benchmark.build_model(case)
+    semask_mit = benchmark.build_model(dataclasses.replace(case, model="semask-mit"))
+    shapes = {name: tensor.shape for name, tensor in semask_mit.state_dict().items() if ".semantic_layer." not in name}
+    assert shapes == {name: tensor.shape for name, tensor in segformer.state_dict().items()}
+    assert semask_mit.config.semantic_attention == ("windowed", "windowed", "global", "global")
