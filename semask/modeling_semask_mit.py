@@ -24,7 +24,7 @@ from transformers.utils import TransformersKwargs, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_semask import settings_equal
-from .configuration_semask_mit import SemaskMitConfig
+from .configuration_semask_mit import MIT_PER_STAGE_SETTINGS, SemaskMitConfig
 from .modeling_semask import (
     SemanticSegmentationMixin,
     SemaskFPNHead,
@@ -48,18 +48,7 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 # SegFormer hyper-parameters that fix the shapes of the encoder weights.
-MIT_ARCHITECTURE_KEYS = (
-    "num_channels",
-    "num_encoder_blocks",
-    "depths",
-    "sr_ratios",
-    "hidden_sizes",
-    "patch_sizes",
-    "strides",
-    "num_attention_heads",
-    "mlp_ratios",
-    "hidden_act",
-)
+MIT_ARCHITECTURE_KEYS = ("num_channels", "num_encoder_blocks", *MIT_PER_STAGE_SETTINGS, "hidden_act")
 # Other SegFormer settings a SeMask-MiT built on a SegFormer checkpoint inherits unless told otherwise.
 SEGFORMER_DEFAULT_KEYS = (
     "hidden_dropout_prob",
